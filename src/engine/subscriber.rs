@@ -1,0 +1,362 @@
+//! A subscriber is one receiver of presence updates: a device's Authenticate stream or a
+//! WatchContacts stream. Fan-out pushes into its queue without ever waiting; the gRPC response
+//! stream drains it. No task and no channel sit in between: the response stream polls the queue
+//! directly, so a delivery costs one short lock and, at most, one wake-up.
+//!
+//! The queue is bounded: when it reaches its capacity it is compacted to the newest presence per
+//! user (presence is state, so the final state still arrives), and it can then only grow with
+//! the number of distinct users the subscriber watches, never with the rate of changes.
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use futures::Stream;
+use tokio::sync::Notify;
+
+use crate::domain::{PresenceView, UserId, Visibility};
+
+use super::view::{Relation, ViewerContext};
+
+/// Why a subscriber's stream was ended by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The server is shutting down: clients should reconnect elsewhere.
+    Shutdown,
+    /// The credential the stream was opened with expired.
+    Expired,
+    /// The client sent something invalid on the stream; the text says what.
+    InvalidInput(String),
+    /// The client exceeded a limit on the stream; the text names it.
+    LimitExceeded(String),
+}
+
+/// What a subscriber's stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Presence(PresenceView),
+    Pong(u64),
+    End(EndReason),
+}
+
+/// One receiver of presence updates.
+pub struct Subscriber {
+    /// Unique in this process; the connection id of a device.
+    pub(crate) id: u64,
+    /// The viewer's own last_seen setting, read by fan-out for reciprocity without taking the
+    /// viewer's shard lock (fan-out already holds another shard's lock).
+    own_last_seen: AtomicU8,
+    /// Set once the stream is over; fan-out prunes closed subscribers lazily.
+    closed: AtomicBool,
+    /// Wakes the device's inbound task when the engine ends the stream.
+    ended: Notify,
+    queue: Mutex<Queue>,
+    /// The users whose watcher lists hold this subscriber, so that closing removes it from
+    /// exactly those. Guarded together with the closed check, see [`Subscriber::track`].
+    watching: Mutex<Vec<UserId>>,
+}
+
+/// The pending events of one subscriber.
+///
+/// A `std::sync::Mutex` is right here: it is held for a push or a pop, never across `.await`.
+struct Queue {
+    items: VecDeque<Event>,
+    /// Set when the stream is waiting for an event.
+    waker: Option<Waker>,
+    /// Compaction runs when `items` reaches this length; it moves up after a compaction that
+    /// could not shrink the queue enough, so a large but legitimate backlog is not re-scanned on
+    /// every push.
+    compact_at: usize,
+    /// The configured capacity, the floor of `compact_at`.
+    capacity: usize,
+    /// An `End` was queued: nothing more is accepted.
+    ended: bool,
+}
+
+impl Subscriber {
+    pub(crate) fn new(id: u64, own_last_seen: Visibility, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Subscriber {
+            id,
+            own_last_seen: AtomicU8::new(encode_visibility(own_last_seen)),
+            closed: AtomicBool::new(false),
+            ended: Notify::new(),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                waker: None,
+                compact_at: capacity,
+                capacity,
+                ended: false,
+            }),
+            watching: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn context(&self, relation: Relation) -> ViewerContext {
+        match relation {
+            Relation::Own => ViewerContext::OWN,
+            Relation::Service => ViewerContext::SERVICE,
+            _ => ViewerContext {
+                relation,
+                own_last_seen: decode_visibility(self.own_last_seen.load(Ordering::Relaxed)),
+            },
+        }
+    }
+
+    pub(crate) fn set_own_last_seen(&self, v: Visibility) {
+        self.own_last_seen
+            .store(encode_visibility(v), Ordering::Relaxed);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Queues an event without waiting. Returns how many queued presences a compaction replaced
+    /// (0 normally), for the `coalesced` counter.
+    pub(crate) fn push(&self, event: Event) -> usize {
+        let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        if q.ended {
+            return 0;
+        }
+        let mut coalesced = 0;
+        if q.items.len() >= q.compact_at {
+            coalesced = compact(&mut q.items);
+            q.compact_at = q.capacity.max(q.items.len() * 2);
+        }
+        if matches!(event, Event::End(_)) {
+            q.ended = true;
+        }
+        q.items.push_back(event);
+        if let Some(w) = q.waker.take() {
+            w.wake();
+        }
+        coalesced
+    }
+
+    /// Ends the stream: queues `End` (delivered after what is already queued) and wakes the
+    /// device's inbound task.
+    pub fn end(&self, reason: EndReason) {
+        self.push(Event::End(reason));
+        self.ended.notify_waiters();
+        self.ended.notify_one();
+    }
+
+    /// Answers a ping, in order with the updates already queued.
+    pub fn pong(&self, nonce: u64) {
+        self.push(Event::Pong(nonce));
+    }
+
+    /// Resolves once [`Subscriber::end`] was called.
+    pub async fn ended(&self) {
+        self.ended.notified().await
+    }
+
+    /// Records that `user`'s watcher list now holds this subscriber. Returns false, recording
+    /// nothing, when the subscriber is already closed: the caller must then not register it.
+    /// Called with the watched user's shard lock held, so a concurrent close either sees the
+    /// user here or the registration sees `closed`.
+    pub(crate) fn track(&self, user: UserId) -> bool {
+        let mut w = self.watching.lock().expect("watching lock poisoned");
+        if self.is_closed() {
+            return false;
+        }
+        w.push(user);
+        true
+    }
+
+    pub(crate) fn untrack(&self, user: UserId) {
+        let mut w = self.watching.lock().expect("watching lock poisoned");
+        if let Some(i) = w.iter().position(|u| *u == user) {
+            w.swap_remove(i);
+        }
+    }
+
+    /// Marks the subscriber closed and returns the users it must be removed from.
+    pub(crate) fn close(&self) -> Vec<UserId> {
+        let mut w = self.watching.lock().expect("watching lock poisoned");
+        self.closed.store(true, Ordering::Release);
+        let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        q.ended = true;
+        if let Some(waker) = q.waker.take() {
+            waker.wake();
+        }
+        drop(q);
+        std::mem::take(&mut *w)
+    }
+
+    /// Pending events, for tests and stats.
+    pub fn queued(&self) -> usize {
+        self.queue
+            .lock()
+            .expect("subscriber queue lock poisoned")
+            .items
+            .len()
+    }
+
+    fn poll_next_event(&self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        match q.items.pop_front() {
+            Some(e) => Poll::Ready(Some(e)),
+            None if q.ended => Poll::Ready(None),
+            None => {
+                q.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Keeps only the newest presence per user (in the order of their newest), and every pong and
+/// end in place. Returns how many events were dropped.
+fn compact(items: &mut VecDeque<Event>) -> usize {
+    let before = items.len();
+    let mut newest: HashMap<UserId, usize> = HashMap::with_capacity(before);
+    for (i, e) in items.iter().enumerate() {
+        if let Event::Presence(p) = e {
+            newest.insert(p.user_id, i);
+        }
+    }
+    let mut i = 0;
+    items.retain(|e| {
+        let keep = match e {
+            Event::Presence(p) => newest.get(&p.user_id) == Some(&i),
+            _ => true,
+        };
+        i += 1;
+        keep
+    });
+    before - items.len()
+}
+
+fn encode_visibility(v: Visibility) -> u8 {
+    match v {
+        Visibility::Everyone => 0,
+        Visibility::Contacts => 1,
+        Visibility::Nobody => 2,
+    }
+}
+
+fn decode_visibility(v: u8) -> Visibility {
+    match v {
+        0 => Visibility::Everyone,
+        1 => Visibility::Contacts,
+        _ => Visibility::Nobody,
+    }
+}
+
+/// The events of one subscriber as a stream. Dropping it runs `on_drop` (the engine's cleanup
+/// for this subscriber), so a client that goes away is always unregistered.
+pub struct EventStream {
+    sub: Arc<Subscriber>,
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl EventStream {
+    pub(crate) fn new(sub: Arc<Subscriber>, on_drop: Box<dyn FnOnce() + Send + Sync>) -> Self {
+        EventStream {
+            sub,
+            on_drop: Some(on_drop),
+        }
+    }
+
+    pub fn subscriber(&self) -> &Arc<Subscriber> {
+        &self.sub
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Event;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.sub.poll_next_event(cx)
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Status;
+    use futures::StreamExt;
+
+    fn presence(user: u64, version: u64) -> Event {
+        Event::Presence(PresenceView {
+            user_id: UserId::parse(user).unwrap(),
+            status: Status::Online,
+            last_seen: None,
+            version,
+            connected: None,
+        })
+    }
+
+    #[test]
+    fn a_full_queue_keeps_only_the_newest_presence_per_user() {
+        let sub = Subscriber::new(1, Visibility::Everyone, 4);
+        for v in 1..=1000 {
+            sub.push(presence(1 + v % 2, v));
+        }
+        assert!(
+            sub.queued() <= 4,
+            "queue must stay bounded, has {}",
+            sub.queued()
+        );
+        let mut q = sub.queue.lock().unwrap();
+        let versions: Vec<u64> = q
+            .items
+            .drain(..)
+            .map(|e| match e {
+                Event::Presence(p) => p.version,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert!(
+            versions.contains(&1000) && versions.contains(&999),
+            "newest kept: {versions:?}"
+        );
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "order kept: {versions:?}"
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_pongs_and_order() {
+        let mut items: VecDeque<Event> = [
+            presence(1, 1),
+            Event::Pong(5),
+            presence(2, 2),
+            presence(1, 3),
+        ]
+        .into();
+        assert_eq!(compact(&mut items), 1);
+        assert_eq!(
+            items,
+            VecDeque::from([Event::Pong(5), presence(2, 2), presence(1, 3)])
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_after_the_end_event() {
+        let sub = Arc::new(Subscriber::new(1, Visibility::Everyone, 8));
+        let mut stream = EventStream::new(sub.clone(), Box::new(|| {}));
+        sub.push(presence(3, 1));
+        sub.end(EndReason::Shutdown);
+        sub.push(presence(3, 2));
+        assert_eq!(stream.next().await, Some(presence(3, 1)));
+        assert_eq!(stream.next().await, Some(Event::End(EndReason::Shutdown)));
+        assert_eq!(stream.next().await, None, "nothing after End");
+    }
+}

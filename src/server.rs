@@ -1,0 +1,215 @@
+//! The server assembly: store, engine, gRPC services, health, reflection, and the shutdown
+//! sequence. `main` and the tests start the server through [`Application`] exactly alike.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::auth::Verifier;
+use crate::engine::Engine;
+use crate::grpc::limits::RateLimits;
+use crate::grpc::{ContactsService, PresenceService, identity_interceptor};
+use crate::pb;
+use crate::settings::Settings;
+use crate::store::{self, Store};
+
+/// Health service names we report on; "" is the whole server.
+const HEALTH_NAMES: [&str; 3] = ["", "presence.v1.Presence", "presence.v1.Contacts"];
+
+/// A built server: the store is migrated, the engine is running and the port is bound.
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    engine: Engine,
+    verifier: Arc<Verifier>,
+    settings: Settings,
+}
+
+/// Opens the store named by the URL and migrates it, retrying while the database is
+/// unreachable (saying so each time) instead of crash-looping silently.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let store = store::connect(url).await?;
+            store.migrate().await?;
+            Ok::<_, store::StoreError>(store)
+        };
+        match attempt.await {
+            Ok(s) => return Ok(s),
+            Err(store::StoreError::UnsupportedUrl(u)) => {
+                bail!("DATABASE_URL {u:?} is not supported: use sqlite://FILE or mysql://…")
+            }
+            Err(e @ store::StoreError::Migrate(_)) => {
+                return Err(e).context("database migration failed");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "database unavailable at start-up; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+impl Application {
+    /// Validates the settings, opens and migrates the store, starts the engine and binds the
+    /// listener. Refuses development mode on a non-loopback address.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let keys = settings.keys().map_err(anyhow::Error::msg)?;
+        let verifier = Verifier::from_keys(&keys).map_err(anyhow::Error::msg)?;
+        if verifier.is_development() {
+            if !settings.listen.ip().is_loopback() {
+                bail!(
+                    "refusing to listen on {} in development mode: set PRESENCE_JWT_SECRET or PRESENCE_JWT_PUBLIC_KEY, or listen on a loopback address",
+                    settings.listen
+                );
+            }
+            tracing::warn!(
+                "DEVELOPMENT MODE: no JWT key configured; callers are trusted to name themselves with x-presence-user-id / x-presence-service metadata. Never expose this."
+            );
+        }
+        let store = open_store(&settings.database_url).await?;
+        let engine = Engine::start(store, settings.engine()).await?;
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (PRESENCE_LISTEN)", settings.listen))?;
+        let addr = listener.local_addr()?;
+        Ok(Application {
+            listener,
+            addr,
+            engine,
+            verifier: Arc::new(verifier),
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` resolves, then: health NOT_SERVING, every stream ended with
+    /// UNAVAILABLE, the server drained within the deadline (streams still open after it are
+    /// cut), changes flushed, the clean stop recorded.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            addr,
+            engine,
+            verifier,
+            settings,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let rates = Arc::new(RateLimits::new(settings.rates()));
+        let shrink = {
+            let rates = rates.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    rates.shrink();
+                }
+            })
+        };
+        let max_message = settings.max_message_bytes as usize;
+        let interceptor = identity_interceptor(verifier);
+        let presence = InterceptedService::new(
+            pb::presence_server::PresenceServer::new(PresenceService::new(
+                engine.clone(),
+                settings.request_limits(),
+                rates,
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+            interceptor.clone(),
+        );
+        let contacts = InterceptedService::new(
+            pb::contacts_server::ContactsServer::new(ContactsService::new(
+                engine.clone(),
+                settings.request_limits(),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+            interceptor,
+        );
+        let (keepalive_interval, keepalive_timeout) = settings.keepalive();
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(keepalive_interval));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = Server::builder()
+            .http2_keepalive_interval(Some(keepalive_interval))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
+            .max_concurrent_streams(settings.max_streams_per_conn)
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(presence)
+            .add_service(contacts)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        tokio::pin!(serve);
+        tracing::info!(%addr, "presence server listening");
+
+        tokio::select! {
+            result = &mut serve => {
+                shrink.abort();
+                engine.finish_shutdown().await;
+                return result.context("the gRPC server failed");
+            }
+            _ = shutdown => {}
+        }
+        tracing::info!(deadline = ?settings.shutdown_deadline(), "shutting down");
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        engine.begin_shutdown();
+        let _ = stop_tx.send(());
+        let deadline = tokio::time::Instant::now() + settings.shutdown_deadline();
+        match tokio::time::timeout_at(deadline, &mut serve).await {
+            Ok(result) => result.context("the gRPC server failed while draining")?,
+            Err(_) => tracing::warn!("shutdown deadline reached; cutting the streams still open"),
+        }
+        drop(serve);
+        shrink.abort();
+        // The flush gets its own short allowance even when draining used the whole deadline,
+        // so a stuck client costs at most the deadline plus this.
+        let flush_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+        if tokio::time::timeout_at(flush_deadline, engine.finish_shutdown())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "could not flush every change before the deadline; they are lost with this process"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Every setting of the server, typed, with its default, its flag and its environment variable.
+//! The README's settings table is checked against this file by a test.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::KeyConfig;
+use crate::engine::EngineConfig;
+use crate::grpc::RequestLimits;
+use crate::grpc::limits::RateSettings;
+
+/// Settings of `presence serve` (flags override environment variables, which override defaults).
+#[derive(Args, Debug, Clone)]
+pub struct Settings {
+    /// Address the gRPC server listens on (port 0 picks a free port).
+    #[arg(long, env = "PRESENCE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Store: sqlite://FILE (created when missing) or mysql://USER:PASS@HOST:PORT/DB.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://presence.db")]
+    pub database_url: String,
+
+    /// How often changed presence rows are written to the database, in milliseconds.
+    #[arg(long, env = "PRESENCE_FLUSH_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_interval_ms: u64,
+
+    /// Most user ids in one GetPresence or WatchContacts request.
+    #[arg(long, env = "PRESENCE_MAX_IDS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ids: u64,
+
+    /// HTTP/2 keepalive ping interval, in seconds (dead-peer detection).
+    #[arg(long, env = "PRESENCE_KEEPALIVE_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_interval_s: u64,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed, in seconds.
+    #[arg(long, env = "PRESENCE_KEEPALIVE_TIMEOUT_S", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_timeout_s: u64,
+
+    /// Hard limit on graceful shutdown, in seconds: open streams are cut after it.
+    #[arg(long, env = "PRESENCE_SHUTDOWN_DEADLINE_S", default_value_t = 10)]
+    pub shutdown_deadline_s: u64,
+
+    /// How long after a user's last device leaves they are announced offline, in milliseconds
+    /// (anti-flap; 0 announces at once). last_seen is still the real disconnect time.
+    #[arg(long, env = "PRESENCE_OFFLINE_GRACE_MS", default_value_t = 5000)]
+    pub offline_grace_ms: u64,
+
+    /// How often online users' rows are marked "still online at T", in seconds.
+    #[arg(long, env = "PRESENCE_CHECKPOINT_INTERVAL_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_interval_s: u64,
+
+    /// HS256 shared secret for verifying JWTs (at least 16 bytes). Unset, together with
+    /// PRESENCE_JWT_PUBLIC_KEY, means development mode (loopback only).
+    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path of a PEM public key (RSA for RS256, EC P-256 for ES256) for verifying JWTs.
+    #[arg(long, env = "PRESENCE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Expected `iss` claim, when set.
+    #[arg(long, env = "PRESENCE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Expected `aud` claim, when set.
+    #[arg(long, env = "PRESENCE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Status (and privacy) changes allowed per user per minute.
+    #[arg(long, env = "PRESENCE_RATE_STATUS_PER_MIN", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_status_per_min: u32,
+
+    /// GetPresence ids allowed per user per minute.
+    #[arg(long, env = "PRESENCE_RATE_IDS_PER_MIN", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_ids_per_min: u32,
+
+    /// Most live devices (Authenticate streams) per user.
+    #[arg(long, env = "PRESENCE_MAX_DEVICES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_devices: u32,
+
+    /// Most concurrent streams per HTTP/2 connection (an edge multiplexes many users on one).
+    #[arg(long, env = "PRESENCE_MAX_STREAMS_PER_CONN", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_conn: u32,
+
+    /// Most contact pairs in one AddContacts or RemoveContacts request.
+    #[arg(long, env = "PRESENCE_MAX_PAIRS", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pairs: u64,
+
+    /// Largest accepted gRPC message, in bytes.
+    #[arg(long, env = "PRESENCE_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_message_bytes: u64,
+
+    /// How long an Authenticate stream may wait before sending its hello, in seconds.
+    #[arg(long, env = "PRESENCE_HELLO_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hello_timeout_s: u64,
+
+    /// Queue length per receiver at which queued updates are coalesced to the newest per user.
+    #[arg(long, env = "PRESENCE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_capacity: u64,
+
+    /// Address of the Prometheus /metrics listener; empty disables it.
+    #[arg(
+        long,
+        env = "PRESENCE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub metrics_listen: String,
+}
+
+impl Settings {
+    /// Settings with every default, for tests and tools: equivalent to `presence serve` with no
+    /// flags and no environment.
+    pub fn defaults() -> Settings {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        use clap::{CommandFactory, FromArgMatches};
+        // Parse with an empty environment view: clap reads env vars, so build the matches from
+        // a command whose args ignore the environment.
+        let mut cmd = Wrapper::command();
+        let ids: Vec<String> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        for id in ids {
+            cmd = cmd.mut_arg(id, |a| a.env(None::<&str>));
+        }
+        let matches = cmd
+            .try_get_matches_from(["presence"])
+            .expect("every setting has a default or is optional");
+        Wrapper::from_arg_matches(&matches)
+            .expect("matches come from the same command")
+            .settings
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            offline_grace: Duration::from_millis(self.offline_grace_ms),
+            flush_interval: Duration::from_millis(self.flush_interval_ms),
+            checkpoint_interval: Duration::from_secs(self.checkpoint_interval_s),
+            queue_capacity: self.queue_capacity as usize,
+            max_devices: self.max_devices,
+            ..EngineConfig::default()
+        }
+    }
+
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_ids: self.max_ids as usize,
+            max_pairs: self.max_pairs as usize,
+            hello_timeout: Duration::from_secs(self.hello_timeout_s),
+        }
+    }
+
+    pub fn rates(&self) -> RateSettings {
+        RateSettings {
+            status_changes_per_min: self.rate_status_per_min,
+            presence_ids_per_min: self.rate_ids_per_min,
+        }
+    }
+
+    /// The JWT key material, reading the public key file. Fails naming the setting.
+    pub fn keys(&self) -> Result<KeyConfig, String> {
+        let public_key_pem = match &self.jwt_public_key {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                format!("PRESENCE_JWT_PUBLIC_KEY: cannot read {}: {e}", p.display())
+            })?),
+            None => None,
+        };
+        Ok(KeyConfig {
+            secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            public_key_pem,
+            issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// The metrics listener, or None when disabled. Fails naming the setting.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let raw = self.metrics_listen.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|e| {
+            format!("PRESENCE_METRICS_LISTEN: {raw:?} is not an address like 127.0.0.1:9090: {e}")
+        })
+    }
+
+    pub fn keepalive(&self) -> (Duration, Duration) {
+        (
+            Duration::from_secs(self.keepalive_interval_s),
+            Duration::from_secs(self.keepalive_timeout_s),
+        )
+    }
+
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs(self.shutdown_deadline_s)
+    }
+}
