@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 use crate::auth::Verifier;
 use crate::engine::Engine;
 use crate::grpc::limits::RateLimits;
-use crate::grpc::{ContactsService, PresenceService, identity_interceptor};
+use crate::grpc::{ContactsService, ObserveLayer, PresenceService, identity_interceptor};
 use crate::pb;
 use crate::settings::Settings;
 use crate::store::{self, Store};
@@ -134,6 +134,10 @@ impl Application {
                 }
             })
         };
+        let sampler = tokio::spawn(crate::telemetry::sample_engine(
+            engine.clone(),
+            health.clone(),
+        ));
         let max_message = settings.max_message_bytes as usize;
         let interceptor = identity_interceptor(verifier);
         let presence = InterceptedService::new(
@@ -165,6 +169,7 @@ impl Application {
             .http2_keepalive_timeout(Some(keepalive_timeout))
             .max_concurrent_streams(settings.max_streams_per_conn)
             .tcp_nodelay(true)
+            .layer(ObserveLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -173,12 +178,15 @@ impl Application {
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             });
-        tokio::pin!(serve);
+        // Boxed rather than pinned on the stack, so that dropping it below really cuts the
+        // connections still open after the deadline.
+        let mut serve = Box::pin(serve);
         tracing::info!(%addr, "presence server listening");
 
         tokio::select! {
             result = &mut serve => {
                 shrink.abort();
+                sampler.abort();
                 engine.finish_shutdown().await;
                 return result.context("the gRPC server failed");
             }
@@ -199,6 +207,7 @@ impl Application {
         }
         drop(serve);
         shrink.abort();
+        sampler.abort();
         // The flush gets its own short allowance even when draining used the whole deadline,
         // so a stuck client costs at most the deadline plus this.
         let flush_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));

@@ -33,3 +33,41 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot serve metrics on {addr} (PRESENCE_METRICS_LISTEN): {e}")
         })
 }
+
+/// Publishes the engine's counters as metrics, and the store's state as the health of
+/// `presence.store`, once a second. Sampling keeps metrics calls off the engine's hot paths.
+pub async fn sample_engine(
+    engine: crate::engine::Engine,
+    health: tonic_health::server::HealthReporter,
+) {
+    use tonic_health::ServingStatus;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut store_ok = true;
+    loop {
+        tick.tick().await;
+        let s = engine.stats();
+        metrics::gauge!("presence_online_users").set(s.online_users as f64);
+        metrics::gauge!("presence_connections").set(s.connections as f64);
+        metrics::gauge!("presence_watchers").set(s.watchers as f64);
+        metrics::gauge!("presence_write_behind_dirty_users").set(s.dirty_users as f64);
+        metrics::gauge!("presence_store_up").set(if engine.store_ok() { 1.0 } else { 0.0 });
+        metrics::counter!("presence_changes_total").absolute(s.changes);
+        metrics::counter!("presence_deliveries_total").absolute(s.deliveries);
+        metrics::counter!("presence_coalesced_total").absolute(s.coalesced);
+        metrics::counter!("presence_db_statements_total").absolute(s.db_statements);
+        metrics::counter!("presence_db_rows_total").absolute(s.db_rows);
+        metrics::counter!("presence_db_errors_total").absolute(s.db_errors);
+        if engine.store_ok() != store_ok {
+            store_ok = engine.store_ok();
+            let status = if store_ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(STORE_HEALTH, status).await;
+        }
+    }
+}
+
+/// Health name of the store component: NOT_SERVING while writes to the database fail.
+pub const STORE_HEALTH: &str = "presence.store";

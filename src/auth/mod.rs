@@ -206,12 +206,12 @@ impl Verifier {
                             .map_err(|e| AuthError::Unauthenticated(format!("token sub: {e}")))?,
                     )
                 };
-                if let (Credential::User(me), Some(other)) = (&credential, acting_for) {
-                    if *me != other {
-                        return Err(AuthError::Forbidden(format!(
-                            "a user token cannot act for another user ({USER_HEADER}: {other}); only service tokens can"
-                        )));
-                    }
+                if let (Credential::User(me), Some(other)) = (&credential, acting_for)
+                    && *me != other
+                {
+                    return Err(AuthError::Forbidden(format!(
+                        "a user token cannot act for another user ({USER_HEADER}: {other}); only service tokens can"
+                    )));
                 }
                 let acting_for = match credential {
                     Credential::Service(_) => acting_for,

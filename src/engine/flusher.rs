@@ -83,6 +83,7 @@ impl Engine {
         for (i, chunk) in rows.chunks(MAX_ROWS_PER_STATEMENT).enumerate() {
             if let Err(e) = self.shared.store.upsert_presence_batch(chunk).await {
                 c.db_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared.store_ok.store(false, Ordering::Relaxed);
                 let unwritten = &rows[i * MAX_ROWS_PER_STATEMENT..];
                 tracing::warn!(
                     error = %e,
@@ -94,9 +95,12 @@ impl Engine {
                 return Err(());
             }
             c.db_statements.fetch_add(1, Ordering::Relaxed);
+            self.shared.store_ok.store(true, Ordering::Relaxed);
             c.db_rows.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
         tracing::debug!(rows = rows.len(), elapsed = ?started.elapsed(), "presence flushed");
+        metrics::histogram!("presence_flush_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("presence_flush_rows").record(rows.len() as f64);
         self.evict_idle();
         Ok(())
     }
@@ -123,15 +127,15 @@ impl Engine {
     fn mark_dirty(&self, users: impl Iterator<Item = UserId>) {
         for u in users {
             let mut shard = self.shard(u);
-            if let Some(e) = shard.users.get_mut(&u) {
-                if !e.dirty {
-                    e.dirty = true;
-                    shard.dirty.push(u);
-                    self.shared
-                        .counters
-                        .dirty_users
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+            if let Some(e) = shard.users.get_mut(&u)
+                && !e.dirty
+            {
+                e.dirty = true;
+                shard.dirty.push(u);
+                self.shared
+                    .counters
+                    .dirty_users
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

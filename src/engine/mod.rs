@@ -142,6 +142,8 @@ struct Shared {
     /// Every open subscriber, so shutdown can end them all.
     subscribers: Mutex<HashMap<u64, Weak<Subscriber>>>,
     shutting_down: AtomicBool,
+    /// False while the last write to the store failed: health reports the degradation.
+    store_ok: AtomicBool,
     counters: Counters,
     /// Tells the flusher to do its final flush and stop.
     stop_flusher: watch::Sender<bool>,
@@ -292,6 +294,7 @@ impl Engine {
                 next_grace_token: AtomicU64::new(1),
                 subscribers: Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
+                store_ok: AtomicBool::new(true),
                 counters: Counters::default(),
                 stop_flusher,
                 flusher: Mutex::new(None),
@@ -323,6 +326,12 @@ impl Engine {
 
     fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Whether the last write to the store succeeded. While it is false, presence is served
+    /// from memory and unwritten rows wait, coalesced, for the store to come back.
+    pub fn store_ok(&self) -> bool {
+        self.shared.store_ok.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> Stats {
@@ -719,10 +728,10 @@ impl Engine {
     pub async fn update_status(&self, user: UserId, status: Status) -> Result<PresenceView> {
         self.ensure_loaded(&[user]).await?;
         for _ in 0..4 {
-            if self.mutate(user, now_millis(), |e| e.chosen = status) {
-                if let Some(v) = self.own_view(user) {
-                    return Ok(v);
-                }
+            if self.mutate(user, now_millis(), |e| e.chosen = status)
+                && let Some(v) = self.own_view(user)
+            {
+                return Ok(v);
             }
             self.ensure_loaded(&[user]).await?;
         }
@@ -1020,10 +1029,10 @@ impl Engine {
             .lock()
             .expect("flusher lock poisoned")
             .take();
-        if let Some(h) = handle {
-            if let Err(e) = h.await {
-                tracing::error!(error = %e, "the write-behind flusher panicked");
-            }
+        if let Some(h) = handle
+            && let Err(e) = h.await
+        {
+            tracing::error!(error = %e, "the write-behind flusher panicked");
         }
     }
 }

@@ -5,6 +5,7 @@ mod contacts;
 mod convert;
 mod error;
 pub mod limits;
+mod observe;
 mod presence;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::auth::{AuthError, Identity, Verifier};
 
 pub use contacts::ContactsService;
 pub use error::ApiError;
+pub use observe::ObserveLayer;
 pub use presence::PresenceService;
 
 /// Request-size limits checked at the edge, before any work.

@@ -122,8 +122,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts a run: if the previous run did not mark a clean shutdown, the epoch number grows
     /// (so versions handed out now are above any the crashed run may have sent) and rows left
-    /// online are set offline with last_seen = their last checkpoint (if later), version + 1 and
-    /// epoch = the new epoch. Marks this run unclean until [`Store::mark_clean_shutdown`].
+    /// online are set offline with last_seen = their last checkpoint (if later) and version + 1;
+    /// their `epoch` column is left as it was (the epoch the version counts in), so that a
+    /// loader can tell how far behind the crashed run's versions may be. Marks this run unclean
+    /// until [`Store::mark_clean_shutdown`].
     async fn begin_epoch(&self) -> Result<Epoch>;
 
     /// Records that every change of this run has been flushed.
