@@ -106,10 +106,46 @@ enum ContactsCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    if let Some(path) = config_file_arg() {
+        // SAFETY: no other thread exists yet: the runtime is built below.
+        if let Err(e) = unsafe { presence::settings::load_config_file(&path) } {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse();
     telemetry::init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+/// The `--config FILE` (or `--config=FILE`, or PRESENCE_CONFIG) of `serve`, found before clap
+/// parses, because the file's values must be in place as environment defaults by then.
+fn config_file_arg() -> Option<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("serve") {
+        return None;
+    }
+    let mut it = args.iter().skip(2);
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(Into::into);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(v.into());
+        }
+    }
+    std::env::var_os("PRESENCE_CONFIG").map(Into::into)
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     match run(cli.command).await {
         Ok(code) => code,
         Err(e) => {

@@ -13,6 +13,11 @@ use crate::grpc::limits::RateSettings;
 /// Settings of `presence serve` (flags override environment variables, which override defaults).
 #[derive(Args, Debug, Clone)]
 pub struct Settings {
+    /// Optional TOML file of settings (keys as the flag names with underscores); environment
+    /// variables and flags override it.
+    #[arg(long, env = "PRESENCE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "PRESENCE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -106,6 +111,50 @@ pub struct Settings {
         default_value = "127.0.0.1:9090"
     )]
     pub metrics_listen: String,
+}
+
+/// Reads a TOML settings file and exports each of its settings as the setting's environment
+/// variable, unless that variable is already set: so the file sits between the defaults and the
+/// environment, and flags still win. Fails naming the file and the key.
+///
+/// # Safety
+/// Sets environment variables: call it before any other thread exists.
+pub unsafe fn load_config_file(path: &std::path::Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        settings: Settings,
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("PRESENCE_CONFIG: cannot read {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("{}: not valid TOML: {e}", path.display()))?;
+    let cmd = Wrapper::command();
+    for (key, value) in table {
+        let env = cmd
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == key && key != "config")
+            .and_then(|a| a.get_env())
+            .ok_or_else(|| format!("{}: unknown setting {key:?}", path.display()))?;
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "{}: setting {key:?} must be a string, integer or boolean, got {other}",
+                    path.display()
+                ));
+            }
+        };
+        if std::env::var_os(env).is_none() {
+            // SAFETY: the caller guarantees no other thread runs yet.
+            unsafe { std::env::set_var(env, value) };
+        }
+    }
+    Ok(())
 }
 
 impl Settings {

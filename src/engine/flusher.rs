@@ -27,7 +27,7 @@ pub(super) async fn run(engine: Engine, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = flush_tick.tick() => {}
-            _ = checkpoint_tick.tick() => engine.mark_checkpoint(),
+            _ = checkpoint_tick.tick() => engine.checkpoint().await,
             _ = stop.changed() => break,
         }
         if !backoff.is_zero() {
@@ -140,20 +140,36 @@ impl Engine {
         }
     }
 
-    /// Marks every user with a live device "still online now"; the next flush writes it.
-    fn mark_checkpoint(&self) {
+    /// Records every user with a live device as "still online now", in one statement per 500
+    /// users, so that after a crash their last_seen is this moment rather than the restart time.
+    /// Runs in the flusher task, which stays the only writer.
+    async fn checkpoint(&self) {
         let now = now_millis();
         let mut online = Vec::new();
         for shard in self.shared.shards.iter() {
             let mut shard = shard.lock().expect("shard lock poisoned");
             for (u, e) in shard.users.iter_mut() {
                 if e.devices > 0 || e.pending_offline.is_some() {
+                    // Kept in memory too, so a later upsert of the row carries it.
                     e.checkpoint_at = Some(now);
                     online.push(*u);
                 }
             }
         }
-        self.mark_dirty(online.into_iter());
+        online.sort_unstable();
+        for chunk in online.chunks(MAX_ROWS_PER_STATEMENT) {
+            let c = &self.shared.counters;
+            match self.shared.store.checkpoint_online(chunk, now).await {
+                Ok(()) => {
+                    c.db_statements.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    c.db_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "checkpoint of online users failed; the next one retries");
+                    return;
+                }
+            }
+        }
     }
 
     /// Drops entries nobody needs any more (no device, no watcher, nothing unwritten).
