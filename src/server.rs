@@ -58,24 +58,42 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The identity verifier the settings ask for; development mode only on a loopback listener.
+fn verifier_for(settings: &Settings) -> anyhow::Result<Verifier> {
+    let keys = settings.keys().map_err(anyhow::Error::msg)?;
+    let verifier = Verifier::from_keys(&keys).map_err(anyhow::Error::msg)?;
+    if verifier.is_development() && !settings.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {} in development mode: set PRESENCE_JWT_SECRET or PRESENCE_JWT_PUBLIC_KEY, or listen on a loopback address",
+            settings.listen
+        );
+    }
+    Ok(verifier)
+}
+
 impl Application {
     /// Validates the settings, opens and migrates the store, starts the engine and binds the
     /// listener. Refuses development mode on a non-loopback address.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let keys = settings.keys().map_err(anyhow::Error::msg)?;
-        let verifier = Verifier::from_keys(&keys).map_err(anyhow::Error::msg)?;
+        // Settings are checked before waiting on the database, so a typo fails at once.
+        verifier_for(&settings)?;
+        let store = open_store(&settings.database_url).await?;
+        Self::build_with_store(settings, store).await
+    }
+
+    /// Like [`Application::build`] on a store the caller opened and migrated (tests wrap the
+    /// real store to inject faults).
+    pub async fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Application> {
+        let verifier = verifier_for(&settings)?;
         if verifier.is_development() {
-            if !settings.listen.ip().is_loopback() {
-                bail!(
-                    "refusing to listen on {} in development mode: set PRESENCE_JWT_SECRET or PRESENCE_JWT_PUBLIC_KEY, or listen on a loopback address",
-                    settings.listen
-                );
-            }
             tracing::warn!(
                 "DEVELOPMENT MODE: no JWT key configured; callers are trusted to name themselves with x-presence-user-id / x-presence-service metadata. Never expose this."
             );
         }
-        let store = open_store(&settings.database_url).await?;
+        settings.metrics_addr().map_err(anyhow::Error::msg)?;
         let engine = Engine::start(store, settings.engine()).await?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await

@@ -104,6 +104,10 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_capacity: u64,
 
+    /// Most streams being set up at once; beyond it new streams get UNAVAILABLE with a retry hint.
+    #[arg(long, env = "PRESENCE_MAX_PENDING_SETUPS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_setups: u64,
+
     /// Address of the Prometheus /metrics listener; empty disables it.
     #[arg(
         long,
@@ -192,6 +196,7 @@ impl Settings {
             checkpoint_interval: Duration::from_secs(self.checkpoint_interval_s),
             queue_capacity: self.queue_capacity as usize,
             max_devices: self.max_devices,
+            max_pending_setups: self.max_pending_setups as usize,
             ..EngineConfig::default()
         }
     }

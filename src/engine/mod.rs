@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub max_devices: u32,
     /// Number of registry shards.
     pub shards: usize,
+    /// Most streams being set up at once (each may read the store); more are refused with a
+    /// retry hint instead of queueing without bound, so a mass reconnect is paced.
+    pub max_pending_setups: usize,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             queue_capacity: 1024,
             max_devices: 10,
             shards: 64,
+            max_pending_setups: 512,
         }
     }
 }
@@ -73,6 +77,8 @@ pub enum EngineError {
     ShuttingDown,
     #[error("the stream was closed before it was set up")]
     Closed,
+    #[error("too many streams are being set up right now")]
+    Busy,
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -147,6 +153,8 @@ struct Shared {
     counters: Counters,
     /// Tells the flusher to do its final flush and stop.
     stop_flusher: watch::Sender<bool>,
+    /// Permits for streams being set up; see [`EngineConfig::max_pending_setups`].
+    setups: Arc<tokio::sync::Semaphore>,
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -279,6 +287,7 @@ impl Engine {
                 "previous run did not shut down cleanly: users it left online were set offline at their last checkpoint"
             );
         }
+        let setups = config.max_pending_setups.max(1);
         let shards = (0..config.shards.max(1))
             .map(|_| Mutex::new(Shard::default()))
             .collect();
@@ -297,6 +306,7 @@ impl Engine {
                 store_ok: AtomicBool::new(true),
                 counters: Counters::default(),
                 stop_flusher,
+                setups: Arc::new(tokio::sync::Semaphore::new(setups)),
                 flusher: Mutex::new(None),
             }),
         };
@@ -591,6 +601,7 @@ impl Engine {
     /// Connects a device of `user`: the user is online from now until the returned stream is
     /// dropped.
     pub async fn connect_device(&self, user: UserId) -> Result<DeviceSession> {
+        let _permit = self.admit()?;
         let (sub, self_view, contacts) = self.follow(user, true).await?;
         let engine = self.clone();
         let stream_sub = sub.clone();
@@ -634,6 +645,15 @@ impl Engine {
         }
         self.forget_subscriber(&sub);
         Err(EngineError::Closed)
+    }
+
+    /// A permit to set up one stream, or Busy when too many are being set up.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.shared
+            .setups
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Busy)
     }
 
     fn forget_subscriber(&self, sub: &Arc<Subscriber>) {
@@ -845,6 +865,7 @@ impl Engine {
         if self.is_shutting_down() {
             return Err(EngineError::ShuttingDown);
         }
+        let _permit = self.admit()?;
         let mut seen = HashSet::new();
         let mut ids: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
         let (sub, ctx) = match (viewer, ids.is_empty()) {

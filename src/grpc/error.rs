@@ -39,6 +39,17 @@ impl From<ApiError> for Status {
                     Status::unavailable("the server is shutting down; reconnect to another node")
                 }
                 EngineError::Closed => Status::cancelled("the stream closed while it was set up"),
+                EngineError::Busy => {
+                    let mut status = Status::unavailable(
+                        "too many streams are being set up (a reconnect wave); retry in about a second",
+                    );
+                    // gRPC's standard retry hint for clients with a retry policy.
+                    status.metadata_mut().insert(
+                        "grpc-retry-pushback-ms",
+                        tonic::metadata::MetadataValue::from_static("1000"),
+                    );
+                    status
+                }
                 EngineError::Store(cause) => {
                     tracing::error!(error = %cause, "store error while serving a call");
                     metrics::counter!("presence_store_errors_total").increment(1);

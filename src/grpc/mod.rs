@@ -44,6 +44,7 @@ pub fn identity_interceptor(
             AuthError::Unauthenticated(m) => Status::unauthenticated(m),
             AuthError::Forbidden(m) => Status::permission_denied(m),
         })?;
+        tracing::Span::current().record("caller", identity.describe());
         req.extensions_mut().insert(identity);
         Ok(req)
     }

@@ -48,9 +48,19 @@ where
             .rev()
             .collect::<Vec<_>>()
             .join("/");
-        let span = tracing::info_span!("rpc", %method, code = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "rpc",
+            %method,
+            caller = tracing::field::Empty,
+            code = tracing::field::Empty
+        );
         let started = Instant::now();
-        let fut = self.inner.call(req);
+        // Entered while the inner service is called, so the identity interceptor (which runs
+        // synchronously in `call`) can record the caller on this span.
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
         Box::pin(
             async move {
                 let result = fut.await;
