@@ -186,6 +186,11 @@ struct Entry {
     /// This user's own subscribers that follow the user's contacts (devices and
     /// contact-watching streams): a contact added later is attached to each of them.
     followers: Vec<Arc<Subscriber>>,
+    /// Every subscriber looking through this user's eyes (devices and watches of this user; a
+    /// superset of `followers`): they learn at once when the user's own privacy changes.
+    viewers: Vec<Arc<Subscriber>>,
+    /// See [`UserState::offline_version`].
+    offline_version: u64,
     /// The user's contacts, cached while followers exist.
     contacts: Option<Arc<HashSet<UserId>>>,
     /// Changed since the last flush.
@@ -220,6 +225,8 @@ impl Entry {
             checkpoint_at: row.checkpoint_at,
             watchers: Vec::new(),
             followers: Vec::new(),
+            viewers: Vec::new(),
+            offline_version: row.version.saturating_add(gap),
             contacts: None,
             dirty: false,
         }
@@ -241,6 +248,7 @@ impl Entry {
             last_seen: self.last_seen,
             last_offline: self.last_offline,
             version: self.version,
+            offline_version: self.offline_version,
             privacy: self.privacy,
         }
     }
@@ -262,7 +270,7 @@ impl Entry {
         self.devices == 0
             && self.pending_offline.is_none()
             && self.watchers.is_empty()
-            && self.followers.is_empty()
+            && self.viewers.is_empty()
             && !self.dirty
     }
 
@@ -270,6 +278,7 @@ impl Entry {
     fn detach(&mut self, sub: &Arc<Subscriber>) {
         self.watchers.retain(|w| !Arc::ptr_eq(&w.sub, sub));
         self.followers.retain(|f| !Arc::ptr_eq(f, sub));
+        self.viewers.retain(|f| !Arc::ptr_eq(f, sub));
         if self.followers.is_empty() {
             self.contacts = None;
         }
@@ -427,13 +436,24 @@ impl Engine {
                 entry.last_seen = Some(entry.last_seen.map_or(at, |t| t.max(at)));
                 if !is_visible {
                     entry.last_offline = entry.last_seen;
+                    entry.offline_version = entry.version;
                 }
             }
             after = entry.state(user);
             self.shared.counters.changes.fetch_add(1, Ordering::Relaxed);
             self.fan_out(entry, &before, &after);
         }
-        if entry.row(user, 0) != before_row && !entry.dirty {
+        if entry.row(user, 0) != before_row {
+            self.mark_dirty_locked(shard, user);
+        }
+        true
+    }
+
+    /// Marks the user's row for the next flush; the caller holds the user's shard lock.
+    fn mark_dirty_locked(&self, shard: &mut Shard, user: UserId) {
+        if let Some(entry) = shard.users.get_mut(&user)
+            && !entry.dirty
+        {
             entry.dirty = true;
             shard.dirty.push(user);
             self.shared
@@ -441,7 +461,6 @@ impl Engine {
                 .dirty_users
                 .fetch_add(1, Ordering::Relaxed);
         }
-        true
     }
 
     /// Pushes to each watcher what it may now see, if that changed. Runs under the user's shard
@@ -585,6 +604,7 @@ impl Engine {
         }
         sub.set_own_last_seen(entry.privacy.last_seen);
         entry.followers.push(sub.clone());
+        entry.viewers.push(sub.clone());
         if entry.contacts.is_none() {
             entry.contacts = Some(contacts.clone());
         }
@@ -596,6 +616,25 @@ impl Engine {
             });
         }
         Ok(Some(project(&entry.state(user), ViewerContext::OWN)))
+    }
+
+    /// Registers `sub` as looking through `me`'s eyes, so it follows `me`'s own privacy.
+    async fn attach_viewer(&self, sub: &Arc<Subscriber>, me: UserId) -> Result<()> {
+        for _ in 0..4 {
+            {
+                let mut shard = self.shard(me);
+                if let Some(entry) = shard.users.get_mut(&me) {
+                    if !sub.track(me) {
+                        return Err(EngineError::Closed);
+                    }
+                    sub.set_own_last_seen(entry.privacy.last_seen);
+                    entry.viewers.push(sub.clone());
+                    return Ok(());
+                }
+            }
+            self.ensure_loaded(&[me]).await?;
+        }
+        Err(EngineError::Closed)
     }
 
     /// Connects a device of `user`: the user is online from now until the returned stream is
@@ -783,8 +822,8 @@ impl Engine {
             if self.mutate(user, now_millis(), |e| e.privacy = privacy) {
                 let shard = self.shard(user);
                 if let Some(e) = shard.users.get(&user) {
-                    for f in &e.followers {
-                        f.set_own_last_seen(privacy.last_seen);
+                    for v in &e.viewers {
+                        v.set_own_last_seen(privacy.last_seen);
                     }
                 }
                 return Ok(privacy);
@@ -878,8 +917,11 @@ impl Engine {
             _ => {
                 let ctx = self.viewer_contexts(viewer).await?;
                 let sub = self.new_subscriber();
-                if let ViewerContexts::User { own_last_seen, .. } = &ctx {
-                    sub.set_own_last_seen(*own_last_seen);
+                if let Viewer::User(me) = viewer
+                    && let Err(e) = self.attach_viewer(&sub, me).await
+                {
+                    self.forget_subscriber(&sub);
+                    return Err(e);
                 }
                 (sub, ctx)
             }
@@ -956,8 +998,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Makes `contact` a stranger to `user`'s subscribers. Those that follow `user`'s contacts
+    /// stop watching `contact`; watches of listed ids keep watching it as a stranger. Each one
+    /// whose view of `contact` changes (a contacts-only status) is told at once, with a new
+    /// version of `contact`, so its last picture is not a stale "online".
     fn unlink(&self, user: UserId, contact: UserId) {
-        let followers = {
+        let (viewers, followers) = {
             let mut shard = self.shard(user);
             let Some(e) = shard.users.get_mut(&user) else {
                 return;
@@ -965,24 +1011,47 @@ impl Engine {
             if let Some(c) = e.contacts.as_mut() {
                 Arc::make_mut(c).remove(&contact);
             }
-            e.followers.clone()
+            (e.viewers.clone(), e.followers.clone())
         };
-        if followers.is_empty() {
+        if viewers.is_empty() {
             return;
         }
-        let mut shard = self.shard(contact);
-        if let Some(e) = shard.users.get_mut(&contact) {
-            e.watchers.retain(|w| {
-                let drop = w.relation == Relation::Contact
-                    && followers.iter().any(|f| Arc::ptr_eq(f, &w.sub));
-                if drop {
-                    w.sub.untrack(contact);
-                }
-                !drop
-            });
-            if e.is_idle() {
-                shard.idle.push(contact);
+        let is_in =
+            |list: &[Arc<Subscriber>], s: &Arc<Subscriber>| list.iter().any(|f| Arc::ptr_eq(f, s));
+        let mut guard = self.shard(contact);
+        let shard = &mut *guard;
+        let Some(entry) = shard.users.get_mut(&contact) else {
+            return;
+        };
+        let state = entry.state(contact);
+        let mut told = Vec::new();
+        entry.watchers.retain_mut(|w| {
+            if w.relation != Relation::Contact || !is_in(&viewers, &w.sub) {
+                return true;
             }
+            let old = project(&state, w.sub.context(Relation::Contact));
+            let new = project(&state, w.sub.context(Relation::Stranger));
+            if (old.status, old.last_seen) != (new.status, new.last_seen) {
+                told.push((w.sub.clone(), new));
+            }
+            if is_in(&followers, &w.sub) {
+                w.sub.untrack(contact);
+                false
+            } else {
+                w.relation = Relation::Stranger;
+                true
+            }
+        });
+        if !told.is_empty() {
+            entry.version += 1;
+            for (sub, mut view) in told {
+                view.version = entry.version;
+                sub.push(Event::Presence(view));
+            }
+            self.mark_dirty_locked(shard, contact);
+        }
+        if shard.users.get(&contact).is_some_and(Entry::is_idle) {
+            shard.idle.push(contact);
         }
     }
 

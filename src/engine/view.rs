@@ -27,6 +27,10 @@ pub struct UserState {
     /// a fresh last_seen.
     pub last_offline: Option<Millis>,
     pub version: u64,
+    /// The version of the last visible offline transition: the version shown to a viewer who
+    /// may see last_seen but not the online status, so that it does not reveal changes hidden
+    /// from them.
+    pub offline_version: u64,
     pub privacy: Privacy,
 }
 
@@ -72,16 +76,16 @@ pub fn project(state: &UserState, viewer: ViewerContext) -> PresenceView {
     } else {
         Status::Offline
     };
-    let last_seen = match (see_last_seen, see_online) {
-        (false, _) => None,
-        (true, true) => state.last_seen,
-        (true, false) => state.last_offline,
+    let (last_seen, version) = match (see_last_seen, see_online) {
+        (false, _) => (None, state.version),
+        (true, true) => (state.last_seen, state.version),
+        (true, false) => (state.last_offline, state.offline_version),
     };
     PresenceView {
         user_id: state.user_id,
         status,
         last_seen,
-        version: state.version,
+        version,
         connected: (viewer.relation == Relation::Service).then_some(state.connected),
     }
 }
@@ -116,6 +120,7 @@ mod tests {
             last_seen: Some(2_000),
             last_offline: Some(1_000),
             version: 7,
+            offline_version: 5,
             privacy: Privacy { online, last_seen },
         }
     }
@@ -168,6 +173,7 @@ mod tests {
             Some(1_000),
             "going online must not leak via last_seen"
         );
+        assert_eq!(v.version, 5, "nor via the version");
     }
 
     #[test]

@@ -1,0 +1,873 @@
+//! The harness: a real server per test (its own SQLite file, port 0), callers that name
+//! themselves through metadata or tokens the tests sign, and receivers (devices and watchers)
+//! that wait for the updates a test expects, with a timeout, instead of sleeping.
+use std::pin::Pin;
+use std::sync::{Arc, Once};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use presence::domain::UserId;
+use presence::pb::{self, client_message, server_message, watch_contacts_response};
+use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
+use presence::server::Application;
+use presence::settings::Settings;
+use presence::store::{self, PresenceRow, Store};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+/// How long a test waits for something it expects before failing.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a negative check listens. Only used after a positive control proved that the
+/// same kind of event does arrive.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// The HS256 secret of the JWT-mode tests.
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// The service name of service callers.
+pub const SERVICE: &str = "chat";
+
+static TRACING: Once = Once::new();
+
+/// Server logs on stderr when `TEST_LOG` is set, silent otherwise.
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "presence=debug".into()),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// A running server and what a test needs to talk to it, restart it and read its database.
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    /// The settings it was started with (listen still port 0, so a restart gets a new port).
+    pub settings: Settings,
+    /// Shared by unary calls; devices and watchers open their own connections.
+    channel: Channel,
+    stop_tx: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Keeps the database file alive as long as the app (and across restarts).
+    db_dir: Arc<TempDir>,
+}
+
+/// Settings of a test server: a fresh database, port 0, no anti-flap grace (announcements at
+/// once), fast flushes, no metrics listener; then `configure`.
+pub fn test_settings(db_dir: &TempDir, configure: impl FnOnce(&mut Settings)) -> Settings {
+    let mut settings = Settings::defaults();
+    settings.listen = "127.0.0.1:0".parse().expect("a literal address");
+    settings.database_url = format!("sqlite://{}", db_dir.path().join("presence.db").display());
+    settings.offline_grace_ms = 0;
+    settings.flush_interval_ms = 50;
+    settings.metrics_listen = String::new();
+    configure(&mut settings);
+    settings
+}
+
+pub async fn spawn_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    init_tracing();
+    let db_dir = Arc::new(tempfile::tempdir().expect("a temporary directory for the database"));
+    let settings = test_settings(&db_dir, configure);
+    start(settings, db_dir).await
+}
+
+/// A server in JWT mode (HS256 with [`SECRET`]).
+pub async fn spawn_jwt_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app(|s| {
+        s.jwt_secret = Some(SECRET.to_string());
+        configure(s);
+    })
+    .await
+}
+
+async fn start(settings: Settings, db_dir: Arc<TempDir>) -> TestApp {
+    let app = Application::build(settings.clone())
+        .await
+        .expect("the test server builds");
+    let addr = app.local_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect_lazy();
+    TestApp {
+        addr,
+        settings,
+        channel,
+        stop_tx: Some(stop_tx),
+        handle: Some(handle),
+        db_dir,
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and waits until it has finished (its changes are flushed).
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let result = tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .expect("the server stops within 30 s")
+                .expect("the server task does not panic");
+            result.expect("the server stops without error");
+        }
+    }
+
+    /// Stops the server, then starts it again on the same database (on a new port).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let fresh = start(self.settings.clone(), self.db_dir.clone()).await;
+        *self = fresh;
+    }
+
+    /// A new HTTP/2 connection to the server.
+    pub async fn connection(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("a valid URI")
+            .connect()
+            .await
+            .expect("the test server accepts connections")
+    }
+
+    pub fn presence(&self) -> PresenceClient<Channel> {
+        PresenceClient::new(self.channel.clone())
+    }
+
+    pub fn contacts(&self) -> ContactsClient<Channel> {
+        ContactsClient::new(self.channel.clone())
+    }
+
+    /// The store the server writes to, opened independently of it.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        store::connect(&self.settings.database_url)
+            .await
+            .expect("the test database opens")
+    }
+
+    /// The stored row of one user, if any.
+    pub async fn row(&self, user: u64) -> Option<PresenceRow> {
+        let store = self.store().await;
+        let rows = store.load_presence(&[uid(user)]).await.expect("rows load");
+        rows.into_iter().next()
+    }
+
+    /// Adds contact pairs as a service; panics on refusal.
+    pub async fn add_contacts(&self, pairs: &[(u64, u64)]) {
+        self.contacts()
+            .add_contacts(self.service_caller().request(pb::AddContactsRequest {
+                pairs: pairs_of(pairs),
+            }))
+            .await
+            .expect("a service may add contacts");
+    }
+
+    pub async fn remove_contacts(&self, pairs: &[(u64, u64)]) {
+        self.contacts()
+            .remove_contacts(self.service_caller().request(pb::RemoveContactsRequest {
+                pairs: pairs_of(pairs),
+            }))
+            .await
+            .expect("a service may remove contacts");
+    }
+
+    /// A user's contacts as the service lists them (first page of up to 1000).
+    pub async fn contacts_of(&self, user: u64) -> Vec<u64> {
+        self.contacts()
+            .list_contacts(self.service_caller().request(pb::ListContactsRequest {
+                user_id: user,
+                page_size: 1000,
+                page_token: String::new(),
+            }))
+            .await
+            .expect("a service may list contacts")
+            .into_inner()
+            .contact_ids
+    }
+
+    pub async fn update_status(
+        &self,
+        caller: &Caller,
+        status: pb::Status,
+    ) -> Result<pb::UserPresence, tonic::Status> {
+        self.update_status_raw(caller, status as i32).await
+    }
+
+    pub async fn update_status_raw(
+        &self,
+        caller: &Caller,
+        status: i32,
+    ) -> Result<pb::UserPresence, tonic::Status> {
+        let r = self
+            .presence()
+            .update_status(caller.request(pb::UpdateStatusRequest { status }))
+            .await?;
+        Ok(r.into_inner()
+            .presence
+            .expect("UpdateStatus returns the presence"))
+    }
+
+    pub async fn get_presence(
+        &self,
+        caller: &Caller,
+        ids: &[u64],
+    ) -> Result<Vec<pb::UserPresence>, tonic::Status> {
+        let r = self
+            .presence()
+            .get_presence(caller.request(pb::GetPresenceRequest {
+                user_ids: ids.to_vec(),
+            }))
+            .await?;
+        Ok(r.into_inner().users)
+    }
+
+    /// One user's presence as `caller` sees it.
+    pub async fn presence_of(&self, caller: &Caller, user: u64) -> pb::UserPresence {
+        let mut users = self
+            .get_presence(caller, &[user])
+            .await
+            .expect("GetPresence of one user works");
+        assert_eq!(users.len(), 1, "one id asked, one answer");
+        users.remove(0)
+    }
+
+    pub async fn set_privacy(
+        &self,
+        caller: &Caller,
+        online: pb::Visibility,
+        last_seen: pb::Visibility,
+    ) -> Result<pb::PrivacySettings, tonic::Status> {
+        let r = self
+            .presence()
+            .set_privacy(caller.request(pb::SetPrivacyRequest {
+                settings: Some(pb::PrivacySettings {
+                    online: online as i32,
+                    last_seen: last_seen as i32,
+                }),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn stats(&self) -> pb::GetStatsResponse {
+        self.presence()
+            .get_stats(self.service_caller().request(pb::GetStatsRequest {}))
+            .await
+            .expect("a service may read the stats")
+            .into_inner()
+    }
+
+    /// Polls GetStats until `ready` holds (a bounded wait for server-side state, such as a
+    /// closed stream having been processed).
+    pub async fn wait_for_stats(
+        &self,
+        what: &str,
+        ready: impl Fn(&pb::GetStatsResponse) -> bool,
+    ) -> pb::GetStatsResponse {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.stats().await;
+            if ready(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; stats: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the server counts exactly `n` live device streams.
+    pub async fn wait_for_connections(&self, n: u64) {
+        self.wait_for_stats(&format!("{n} connections"), |s| s.connections == n)
+            .await;
+    }
+
+    /// Polls the database until `ready` holds for the user's row (write-behind reached it).
+    pub async fn wait_for_row(
+        &self,
+        user: u64,
+        what: &str,
+        ready: impl Fn(&PresenceRow) -> bool,
+    ) -> PresenceRow {
+        let store = self.store().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let row = store
+                .load_presence(&[uid(user)])
+                .await
+                .expect("rows load")
+                .into_iter()
+                .next();
+            if let Some(row) = row.filter(&ready) {
+                return row;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the row of user {user} to show {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A service caller that this server accepts: metadata in development mode, a signed
+    /// service token in JWT mode.
+    pub fn service_caller(&self) -> Caller {
+        match self.settings.jwt_secret {
+            Some(_) => bearer(&self.service_token()),
+            None => service(),
+        }
+    }
+
+    /// A user caller that this server accepts, like [`TestApp::service_caller`].
+    pub fn user_caller(&self, id: u64) -> Caller {
+        match self.settings.jwt_secret {
+            Some(_) => bearer(&self.user_token(id)),
+            None => user(id),
+        }
+    }
+
+    /// Valid claims for this server (its issuer and audience when it expects them), an hour
+    /// long.
+    pub fn claims(&self, sub: &str) -> serde_json::Value {
+        let mut claims = serde_json::json!({ "sub": sub, "exp": unix_now() + 3600 });
+        if let Some(iss) = &self.settings.jwt_issuer {
+            claims["iss"] = iss.as_str().into();
+        }
+        if let Some(aud) = &self.settings.jwt_audience {
+            claims["aud"] = aud.as_str().into();
+        }
+        claims
+    }
+
+    /// A valid user token for this server.
+    pub fn user_token(&self, id: u64) -> String {
+        sign(&self.claims(&id.to_string()), Algorithm::HS256, SECRET)
+    }
+
+    /// A valid service token for this server.
+    pub fn service_token(&self) -> String {
+        let mut claims = self.claims(SERVICE);
+        claims["role"] = "service".into();
+        sign(&claims, Algorithm::HS256, SECRET)
+    }
+
+    /// Connects a device; panics if the server refuses.
+    pub async fn device(&self, caller: &Caller) -> Device {
+        Device::connect(self, caller, "phone")
+            .await
+            .unwrap_or_else(|s| panic!("{caller:?} can connect a device: {s:?}"))
+    }
+
+    /// Opens a WatchContacts stream; panics if the server refuses.
+    pub async fn watcher(&self, caller: &Caller, ids: &[u64]) -> Watcher {
+        Watcher::open(self, caller, ids)
+            .await
+            .unwrap_or_else(|s| panic!("{caller:?} can watch {ids:?}: {s:?}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callers
+// ---------------------------------------------------------------------------------------------
+
+/// Who makes a call: the metadata it carries.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    metadata: Vec<(&'static str, String)>,
+}
+
+/// A user, in development mode.
+pub fn user(id: u64) -> Caller {
+    Caller {
+        metadata: vec![("x-presence-user-id", id.to_string())],
+    }
+}
+
+/// A service, in development mode.
+pub fn service() -> Caller {
+    Caller {
+        metadata: vec![("x-presence-service", SERVICE.to_string())],
+    }
+}
+
+/// A service acting for a user, in development mode.
+pub fn service_for(id: u64) -> Caller {
+    Caller {
+        metadata: vec![
+            ("x-presence-service", SERVICE.to_string()),
+            ("x-presence-user-id", id.to_string()),
+        ],
+    }
+}
+
+/// Nobody: no identity at all.
+pub fn anonymous() -> Caller {
+    Caller {
+        metadata: Vec::new(),
+    }
+}
+
+/// A caller presenting a token (JWT mode).
+pub fn bearer(token: &str) -> Caller {
+    Caller {
+        metadata: vec![("authorization", format!("Bearer {token}"))],
+    }
+}
+
+/// A caller sending this exact `authorization` value.
+pub fn authorization(value: &str) -> Caller {
+    Caller {
+        metadata: vec![("authorization", value.to_string())],
+    }
+}
+
+impl Caller {
+    /// The same caller, also naming a user it acts for.
+    pub fn acting_for(self, id: u64) -> Caller {
+        self.with("x-presence-user-id", &id.to_string())
+    }
+
+    /// The same caller with one more metadata entry.
+    pub fn with(mut self, name: &'static str, value: &str) -> Caller {
+        self.metadata.push((name, value.to_string()));
+        self
+    }
+
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        for (name, value) in &self.metadata {
+            request.metadata_mut().insert(
+                *name,
+                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
+            );
+        }
+        request
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens, signed by the tests themselves
+// ---------------------------------------------------------------------------------------------
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
+}
+
+/// Signs `claims` with `alg` and `secret`.
+pub fn sign(claims: &serde_json::Value, alg: Algorithm, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("test claims sign")
+}
+
+/// base64url without padding, as JWT segments are encoded.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values
+// ---------------------------------------------------------------------------------------------
+
+pub fn uid(id: u64) -> UserId {
+    UserId::parse(id).expect("test user ids are positive")
+}
+
+fn pairs_of(pairs: &[(u64, u64)]) -> Vec<pb::ContactPair> {
+    pairs
+        .iter()
+        .map(|&(user_id, contact_id)| pb::ContactPair {
+            user_id,
+            contact_id,
+        })
+        .collect()
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as i64
+}
+
+pub fn millis(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+}
+
+/// last_seen in milliseconds, if set.
+pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
+    p.last_seen.as_ref().map(millis)
+}
+
+/// What a user presence says, in one comparable tuple: (status, last_seen ms, version).
+pub fn seen(p: &pb::UserPresence) -> (pb::Status, Option<i64>, u64) {
+    (p.status(), last_seen(p), p.version)
+}
+
+/// The answer for a user who was never seen (or is hidden entirely).
+pub fn never_seen(id: u64) -> pb::UserPresence {
+    pb::UserPresence {
+        user_id: id,
+        status: pb::Status::Offline as i32,
+        last_seen: None,
+        version: 0,
+        connected: None,
+    }
+}
+
+pub fn find(list: &[pb::UserPresence], id: u64) -> pb::UserPresence {
+    *list
+        .iter()
+        .find(|p| p.user_id == id)
+        .unwrap_or_else(|| panic!("user {id} is in {list:?}"))
+}
+
+pub fn hello(device: &str) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Hello(pb::Hello {
+            device: device.to_string(),
+        })),
+    }
+}
+
+pub fn ping(nonce: u64) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Ping(pb::Ping { nonce })),
+    }
+}
+
+pub fn status_message(status: i32) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::UpdateStatus(
+            pb::UpdateStatusRequest { status },
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receivers
+// ---------------------------------------------------------------------------------------------
+
+/// What a device or watcher stream yields after its first message.
+#[derive(Debug)]
+pub enum Incoming {
+    Presence(pb::UserPresence),
+    Pong(u64),
+    Other(String),
+}
+
+type IncomingStream = Pin<Box<dyn Stream<Item = Result<Incoming, tonic::Status>> + Send>>;
+
+/// The receiving end of a device or a watcher.
+pub struct Inbox {
+    /// Names the receiver in failure messages.
+    name: String,
+    stream: IncomingStream,
+}
+
+impl Inbox {
+    /// The next presence update, within [`WAIT`]. Panics on anything else.
+    pub async fn next_update(&mut self) -> pb::UserPresence {
+        match tokio::time::timeout(WAIT, self.stream.next()).await {
+            Err(_) => panic!("{}: no update within {WAIT:?}", self.name),
+            Ok(Some(Ok(Incoming::Presence(p)))) => p,
+            Ok(Some(Ok(Incoming::Other(what)))) => {
+                panic!("{}: expected an update, got {what}", self.name)
+            }
+            Ok(other) => panic!("{}: expected an update, got {other:?}", self.name),
+        }
+    }
+
+    /// Asserts that nothing arrives within `within`.
+    pub async fn expect_no_update(&mut self, within: Duration, why: &str) {
+        if let Ok(item) = tokio::time::timeout(within, self.stream.next()).await {
+            panic!("{}: expected nothing ({why}), got {item:?}", self.name);
+        }
+    }
+
+    /// Updates up to and including the first one matching `last`.
+    pub async fn updates_until(
+        &mut self,
+        last: impl Fn(&pb::UserPresence) -> bool,
+    ) -> Vec<pb::UserPresence> {
+        let mut out = Vec::new();
+        loop {
+            let p = self.next_update().await;
+            let done = last(&p);
+            out.push(p);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Skips updates until the stream ends; returns the status it ended with (None for a
+    /// clean end). Panics if it does not end within `within`.
+    pub async fn ended_within(&mut self, within: Duration) -> Option<tonic::Status> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => panic!("{}: the stream did not end within {within:?}", self.name),
+                Ok(None) => return None,
+                Ok(Some(Err(status))) => return Some(status),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
+
+/// One device: a live Authenticate stream.
+pub struct Device {
+    pub welcome: pb::Welcome,
+    /// Feeds the client side of the stream; dropping it half-closes the stream.
+    tx: mpsc::Sender<pb::ClientMessage>,
+    inbox: Inbox,
+}
+
+/// Opens Authenticate and sends `first` before anything is read; returns the server's
+/// response (an error when the server refuses the stream up front) and the sender.
+pub async fn open_stream(
+    app: &TestApp,
+    caller: &Caller,
+    first: Vec<pb::ClientMessage>,
+) -> (
+    Result<tonic::Streaming<pb::ServerMessage>, tonic::Status>,
+    mpsc::Sender<pb::ClientMessage>,
+) {
+    open_stream_on(app.connection().await, caller, first).await
+}
+
+async fn open_stream_on(
+    channel: Channel,
+    caller: &Caller,
+    first: Vec<pb::ClientMessage>,
+) -> (
+    Result<tonic::Streaming<pb::ServerMessage>, tonic::Status>,
+    mpsc::Sender<pb::ClientMessage>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    for m in first {
+        tx.send(m).await.expect("the outbound queue has room");
+    }
+    let mut client = PresenceClient::new(channel);
+    let response = client
+        .authenticate(caller.request(ReceiverStream::new(rx)))
+        .await
+        .map(tonic::Response::into_inner);
+    (response, tx)
+}
+
+impl Device {
+    /// Opens a device stream: hello, then the welcome.
+    pub async fn connect(
+        app: &TestApp,
+        caller: &Caller,
+        label: &str,
+    ) -> Result<Device, tonic::Status> {
+        Self::connect_on(app.connection().await, caller, label).await
+    }
+
+    /// Opens a device stream on a given connection (for example one with a small
+    /// flow-control window).
+    pub async fn connect_on(
+        channel: Channel,
+        caller: &Caller,
+        label: &str,
+    ) -> Result<Device, tonic::Status> {
+        let (response, tx) =
+            tokio::time::timeout(WAIT, open_stream_on(channel, caller, vec![hello(label)]))
+                .await
+                .expect("Authenticate answers within the wait");
+        let mut stream = response?;
+        let first = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the welcome arrives within the wait")?;
+        let welcome = match first.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(w)) => w,
+            other => panic!("the first server message is a welcome, got {other:?}"),
+        };
+        let user = welcome.self_.map(|p| p.user_id).unwrap_or_default();
+        let stream = stream.map(|m| {
+            m.map(|m| match m.kind {
+                Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
+                Some(server_message::Kind::Pong(p)) => Incoming::Pong(p.nonce),
+                other => Incoming::Other(format!("{other:?}")),
+            })
+        });
+        Ok(Device {
+            welcome,
+            tx,
+            inbox: Inbox {
+                name: format!("device of user {user}"),
+                stream: Box::pin(stream),
+            },
+        })
+    }
+
+    /// The device's own presence, as the welcome gave it.
+    pub fn me(&self) -> pb::UserPresence {
+        self.welcome
+            .self_
+            .expect("the welcome has the caller's own presence")
+    }
+
+    pub async fn send(&self, message: pb::ClientMessage) {
+        self.tx
+            .send(message)
+            .await
+            .expect("the device stream is still open");
+    }
+
+    /// Sends a ping and waits for its pong. Panics if an update comes first.
+    pub async fn ping(&mut self, nonce: u64) {
+        self.send(ping(nonce)).await;
+        match tokio::time::timeout(WAIT, self.inbox.stream.next()).await {
+            Ok(Some(Ok(Incoming::Pong(n)))) => assert_eq!(n, nonce, "the pong echoes the nonce"),
+            other => panic!("{}: expected a pong, got {other:?}", self.inbox.name),
+        }
+    }
+
+    /// Closes the device: the stream is dropped, as when an app is closed.
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl std::ops::Deref for Device {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl std::ops::DerefMut for Device {
+    fn deref_mut(&mut self) -> &mut Inbox {
+        &mut self.inbox
+    }
+}
+
+/// One WatchContacts stream.
+pub struct Watcher {
+    pub snapshot: Vec<pb::UserPresence>,
+    inbox: Inbox,
+}
+
+impl Watcher {
+    pub async fn open(
+        app: &TestApp,
+        caller: &Caller,
+        ids: &[u64],
+    ) -> Result<Watcher, tonic::Status> {
+        Self::open_on(app.connection().await, caller, ids).await
+    }
+
+    /// Opens a watcher on a given connection (for example one with a small flow-control
+    /// window).
+    pub async fn open_on(
+        channel: Channel,
+        caller: &Caller,
+        ids: &[u64],
+    ) -> Result<Watcher, tonic::Status> {
+        let mut client = PresenceClient::new(channel);
+        let mut stream = tokio::time::timeout(
+            WAIT,
+            client.watch_contacts(caller.request(pb::WatchContactsRequest {
+                user_ids: ids.to_vec(),
+            })),
+        )
+        .await
+        .expect("WatchContacts answers within the wait")?
+        .into_inner();
+        let first = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the snapshot arrives within the wait")?;
+        let snapshot = match first.and_then(|m| m.kind) {
+            Some(watch_contacts_response::Kind::Snapshot(s)) => s.users,
+            other => panic!("the first watch message is a snapshot, got {other:?}"),
+        };
+        let stream = stream.map(|m| {
+            m.map(|m| match m.kind {
+                Some(watch_contacts_response::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
+                other => Incoming::Other(format!("{other:?}")),
+            })
+        });
+        Ok(Watcher {
+            snapshot,
+            inbox: Inbox {
+                name: format!("watcher {caller:?}"),
+                stream: Box::pin(stream),
+            },
+        })
+    }
+}
+
+impl std::ops::Deref for Watcher {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl std::ops::DerefMut for Watcher {
+    fn deref_mut(&mut self) -> &mut Inbox {
+        &mut self.inbox
+    }
+}
+
+/// Asserts a call failed with `code` and a message containing each of `words`.
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    words: &[&str],
+    why: &str,
+) -> tonic::Status {
+    let status = match result {
+        Ok(v) => panic!("expected {code:?} ({why}), got success: {v:?}"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), code, "{why}: {status:?}");
+    for w in words {
+        assert!(
+            status.message().contains(w),
+            "{why}: the message should name {w:?}: {:?}",
+            status.message()
+        );
+    }
+    status
+}
