@@ -34,7 +34,7 @@ enum Command {
     ///   presence serve                                  # 127.0.0.1:50051, sqlite://presence.db
     ///   DATABASE_URL=mysql://root@127.0.0.1/test presence serve --listen 0.0.0.0:50051
     #[command(verbatim_doc_comment)]
-    Serve(Settings),
+    Serve(Box<Settings>),
 
     /// Create or upgrade the database schema, then exit.
     ///
@@ -116,7 +116,10 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     telemetry::init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -157,7 +160,7 @@ async fn async_main(cli: Cli) -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(settings) => serve(settings).await,
+        Command::Serve(settings) => serve(*settings).await,
         Command::Migrate { database_url } => {
             open_store(&database_url).await?;
             eprintln!("database is migrated");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -133,6 +134,15 @@ impl Application {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
+        // Components: NOT_SERVING while the database (or, in cluster mode, Redis) fails.
+        for name in [
+            crate::telemetry::STORE_HEALTH,
+            crate::telemetry::CLUSTER_HEALTH,
+        ] {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -178,9 +188,14 @@ impl Application {
             interceptor,
         );
         let (keepalive_interval, keepalive_timeout) = settings.keepalive();
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(keepalive_interval));
+        let connections = Connections::default();
+        let incoming = {
+            let connections = connections.clone();
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(keepalive_interval))
+                .map(move |conn| conn.map(|io| connections.track(io)))
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serve = Server::builder()
             .http2_keepalive_interval(Some(keepalive_interval))
@@ -221,7 +236,10 @@ impl Application {
         let deadline = tokio::time::Instant::now() + settings.shutdown_deadline();
         match tokio::time::timeout_at(deadline, &mut serve).await {
             Ok(result) => result.context("the gRPC server failed while draining")?,
-            Err(_) => tracing::warn!("shutdown deadline reached; cutting the streams still open"),
+            Err(_) => {
+                tracing::warn!("shutdown deadline reached; cutting the connections still open");
+                connections.cut_all();
+            }
         }
         drop(serve);
         shrink.abort();
@@ -238,5 +256,116 @@ impl Application {
             );
         }
         Ok(())
+    }
+}
+
+/// The server's open TCP connections, so that those still open at the shutdown deadline can be
+/// cut: tonic runs each connection in a task of its own, which dropping the server future does
+/// not stop.
+#[derive(Clone, Default)]
+struct Connections {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u64, std::os::fd::RawFd>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Connections {
+    fn track(&self, io: tokio::net::TcpStream) -> TrackedConn {
+        use std::os::fd::AsRawFd;
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open
+            .lock()
+            .expect("connections lock poisoned")
+            .insert(id, io.as_raw_fd());
+        TrackedConn {
+            _guard: ConnGuard {
+                id,
+                open: self.open.clone(),
+            },
+            io,
+        }
+    }
+
+    /// Shuts every open connection down in both directions; their tasks then end.
+    fn cut_all(&self) {
+        let open = self.open.lock().expect("connections lock poisoned");
+        for fd in open.values() {
+            // SAFETY: the fd is open: a connection leaves the map (under this lock) before its
+            // socket is closed, see the field order of TrackedConn.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// A connection known to [`Connections`]. Field order matters: the guard (which removes the
+/// entry) drops before the socket closes, so a cut never reaches a reused descriptor.
+struct TrackedConn {
+    _guard: ConnGuard,
+    io: tokio::net::TcpStream,
+}
+
+struct ConnGuard {
+    id: u64,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u64, std::os::fd::RawFd>>>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for TrackedConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for TrackedConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TrackedConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

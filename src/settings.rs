@@ -108,6 +108,19 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_MAX_PENDING_SETUPS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pending_setups: u64,
 
+    /// Redis URL: set it to run several nodes as one cluster (unset: a single node, no Redis).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel (several clusters or test runs can share a Redis).
+    #[arg(long, env = "PRESENCE_REDIS_PREFIX", default_value = "presence")]
+    pub redis_prefix: String,
+
+    /// Cluster node lease, in seconds: a node silent this long is declared dead and its
+    /// devices go offline.
+    #[arg(long, env = "PRESENCE_NODE_LEASE_TTL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub node_lease_ttl_s: u64,
+
     /// Address of the Prometheus /metrics listener; empty disables it.
     #[arg(
         long,
@@ -197,6 +210,15 @@ impl Settings {
             queue_capacity: self.queue_capacity as usize,
             max_devices: self.max_devices,
             max_pending_setups: self.max_pending_setups as usize,
+            cluster: self
+                .redis_url
+                .as_ref()
+                .filter(|u| !u.trim().is_empty())
+                .map(|url| crate::engine::cluster::ClusterConfig {
+                    redis_url: url.clone(),
+                    prefix: self.redis_prefix.clone(),
+                    lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
+                }),
             ..EngineConfig::default()
         }
     }

@@ -43,6 +43,7 @@ pub async fn sample_engine(
     use tonic_health::ServingStatus;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut store_ok = true;
+    let mut cluster_ok = true;
     loop {
         tick.tick().await;
         let s = engine.stats();
@@ -51,6 +52,7 @@ pub async fn sample_engine(
         metrics::gauge!("presence_watchers").set(s.watchers as f64);
         metrics::gauge!("presence_write_behind_dirty_users").set(s.dirty_users as f64);
         metrics::gauge!("presence_store_up").set(if engine.store_ok() { 1.0 } else { 0.0 });
+        metrics::gauge!("presence_redis_up").set(if engine.cluster_ok() { 1.0 } else { 0.0 });
         metrics::counter!("presence_changes_total").absolute(s.changes);
         metrics::counter!("presence_deliveries_total").absolute(s.deliveries);
         metrics::counter!("presence_coalesced_total").absolute(s.coalesced);
@@ -66,8 +68,21 @@ pub async fn sample_engine(
             };
             health.set_service_status(STORE_HEALTH, status).await;
         }
+        if engine.cluster_ok() != cluster_ok {
+            cluster_ok = engine.cluster_ok();
+            let status = if cluster_ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(CLUSTER_HEALTH, status).await;
+        }
     }
 }
+
+/// Health name of the cluster component: NOT_SERVING while Redis does not answer (the node
+/// then serves from its own memory).
+pub const CLUSTER_HEALTH: &str = "presence.cluster";
 
 /// Health name of the store component: NOT_SERVING while writes to the database fail.
 pub const STORE_HEALTH: &str = "presence.store";

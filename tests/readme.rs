@@ -16,7 +16,10 @@ fn every_setting_is_documented_in_the_readme() {
         let Some(env) = arg.get_env() else { continue };
         let env = env.to_string_lossy();
         let flag = format!("`--{}`", arg.get_long().unwrap_or_default());
-        if !rows.iter().any(|r| r.contains(&format!("`{env}`")) && r.contains(&flag)) {
+        if !rows
+            .iter()
+            .any(|r| r.contains(&format!("`{env}`")) && r.contains(&flag))
+        {
             missing.push(format!("{env} ({flag})"));
         }
     }

@@ -74,6 +74,12 @@ impl Engine {
     pub(super) async fn flush(&self) -> Result<(), ()> {
         let mut rows = self.take_dirty_rows();
         if rows.is_empty() {
+            if !self.store_ok() {
+                // Nothing to write, so probe: health must recover when the database does.
+                let probe = UserId::parse(1).expect("1 is a valid user id");
+                let ok = self.shared.store.load_presence(&[probe]).await.is_ok();
+                self.shared.store_ok.store(ok, Ordering::Relaxed);
+            }
             self.evict_idle();
             return Ok(());
         }
@@ -162,9 +168,11 @@ impl Engine {
             match self.shared.store.checkpoint_online(chunk, now).await {
                 Ok(()) => {
                     c.db_statements.fetch_add(1, Ordering::Relaxed);
+                    self.shared.store_ok.store(true, Ordering::Relaxed);
                 }
                 Err(e) => {
                     c.db_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared.store_ok.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "checkpoint of online users failed; the next one retries");
                     return;
                 }

@@ -8,7 +8,9 @@
 //! while still holding the lock, so updates of X reach every receiver in version order. Pushing
 //! never waits (see [`subscriber`]); no lock is ever held across `.await`, and no code path holds
 //! two shard locks at once.
+pub mod cluster;
 mod flusher;
+mod replica;
 mod subscriber;
 pub mod view;
 
@@ -50,6 +52,8 @@ pub struct EngineConfig {
     /// Most streams being set up at once (each may read the store); more are refused with a
     /// retry hint instead of queueing without bound, so a mass reconnect is paced.
     pub max_pending_setups: usize,
+    /// Cluster mode through Redis; None runs a single node.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             max_devices: 10,
             shards: 64,
             max_pending_setups: 512,
+            cluster: None,
         }
     }
 }
@@ -156,6 +161,8 @@ struct Shared {
     /// Permits for streams being set up; see [`EngineConfig::max_pending_setups`].
     setups: Arc<tokio::sync::Semaphore>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Set in cluster mode.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 #[derive(Default)]
@@ -195,6 +202,9 @@ struct Entry {
     contacts: Option<Arc<HashSet<UserId>>>,
     /// Changed since the last flush.
     dirty: bool,
+    /// Cluster mode: the effective status and connectedness decided across nodes (None in
+    /// single-node mode, and while Redis is unreachable: local rules apply then).
+    cluster_view: Option<(Status, bool)>,
 }
 
 #[derive(Clone, Copy)]
@@ -229,10 +239,27 @@ impl Entry {
             offline_version: row.version.saturating_add(gap),
             contacts: None,
             dirty: false,
+            cluster_view: None,
         }
     }
 
+    /// An entry from the shared (cluster) state.
+    fn from_shared(s: &cluster::SharedState) -> Self {
+        let mut e = Entry::from_row(&PresenceRow::new(s.user), 0);
+        e.chosen = s.chosen;
+        e.last_seen = s.last_seen;
+        e.last_offline = s.last_offline;
+        e.version = s.version;
+        e.offline_version = s.offline_version;
+        e.privacy = s.privacy;
+        e.cluster_view = Some((s.effective, s.connected));
+        e
+    }
+
     fn effective(&self) -> Status {
+        if let Some((effective, _)) = self.cluster_view {
+            return effective;
+        }
         if self.devices > 0 || self.pending_offline.is_some() {
             self.chosen
         } else {
@@ -244,7 +271,7 @@ impl Entry {
         UserState {
             user_id,
             effective: self.effective(),
-            connected: self.devices > 0,
+            connected: self.cluster_view.map_or(self.devices > 0, |(_, c)| c),
             last_seen: self.last_seen,
             last_offline: self.last_offline,
             version: self.version,
@@ -301,6 +328,10 @@ impl Engine {
             .map(|_| Mutex::new(Shard::default()))
             .collect();
         let (stop_flusher, stop_rx) = watch::channel(false);
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(Arc::new(connect_cluster(c).await)),
+        };
         let engine = Engine {
             shared: Arc::new(Shared {
                 shards,
@@ -317,9 +348,15 @@ impl Engine {
                 stop_flusher,
                 setups: Arc::new(tokio::sync::Semaphore::new(setups)),
                 flusher: Mutex::new(None),
+                cluster,
             }),
         };
         let handle = tokio::spawn(flusher::run(engine.clone(), stop_rx));
+        if let Some(c) = &engine.shared.cluster {
+            tracing::info!(node = %c.node, "cluster mode: presence is shared through redis");
+            tokio::spawn(engine.clone().run_lease());
+            tokio::spawn(engine.clone().run_subscription());
+        }
         *engine.shared.flusher.lock().expect("flusher lock poisoned") = Some(handle);
         Ok(engine)
     }
@@ -387,9 +424,20 @@ impl Engine {
             }
             missing.sort_unstable();
             missing.dedup();
-            let rows = self.shared.store.load_presence(&missing).await?;
+            // Cluster mode: the shared state (Redis) is the truth for anyone it knows.
+            let (shared, from_store) = self.load_shared(&missing).await;
+            let shared: HashMap<UserId, Entry> = shared
+                .iter()
+                .map(|s| (s.user, Self::entry_from_shared(s)))
+                .collect();
+            let rows = if from_store.is_empty() {
+                Vec::new()
+            } else {
+                self.shared.store.load_presence(&from_store).await?
+            };
             let rows: HashMap<UserId, PresenceRow> =
                 rows.into_iter().map(|r| (r.user_id, r)).collect();
+            let mut shared = shared;
             let mut stale = false;
             for u in missing {
                 let mut shard = self.shard(u);
@@ -402,10 +450,19 @@ impl Engine {
                     stale = true;
                     continue;
                 }
-                let row = rows.get(&u).copied().unwrap_or_else(|| PresenceRow::new(u));
-                shard
-                    .users
-                    .insert(u, Entry::from_row(&row, self.shared.epoch));
+                let entry = match shared.remove(&u) {
+                    Some(e) => e,
+                    None => {
+                        let row = rows.get(&u).copied().unwrap_or_else(|| PresenceRow::new(u));
+                        let mut e = Entry::from_row(&row, self.shared.epoch);
+                        if self.is_cluster() {
+                            // Unknown to Redis: nobody has a device anywhere.
+                            e.cluster_view = Some((Status::Offline, false));
+                        }
+                        e
+                    }
+                };
+                shard.users.insert(u, entry);
                 shard.idle.push(u);
             }
             if !stale {
@@ -569,6 +626,9 @@ impl Engine {
         contacts: &Arc<HashSet<UserId>>,
         device: bool,
     ) -> Result<Option<PresenceView>> {
+        // In cluster mode the device's own change comes back from Redis after this returns; the
+        // device starts watching itself only then (see `follow`).
+        let own_watch_now = device && !self.is_cluster();
         if device {
             let limit = self.shared.config.max_devices;
             let (mut found, mut over, mut first) = (false, false, false);
@@ -608,7 +668,7 @@ impl Engine {
         if entry.contacts.is_none() {
             entry.contacts = Some(contacts.clone());
         }
-        if device {
+        if own_watch_now {
             // Added after the change, so the device learns its own state once, from the welcome.
             entry.watchers.push(Watch {
                 sub: sub.clone(),
@@ -674,6 +734,22 @@ impl Engine {
         let sub = self.new_subscriber();
         for _ in 0..4 {
             match self.attach_follower(&sub, user, &contacts, device) {
+                Ok(Some(view)) if device && self.is_cluster() => {
+                    let _ = view;
+                    if !self.shared_transition(user, cluster::Op::Connect).await {
+                        self.fall_back_local(user);
+                    }
+                    let mut shard = self.shard(user);
+                    let Some(entry) = shard.users.get_mut(&user) else {
+                        unreachable!("an entry with a live device is never evicted")
+                    };
+                    entry.watchers.push(Watch {
+                        sub: sub.clone(),
+                        relation: Relation::Own,
+                    });
+                    let view = project(&entry.state(user), ViewerContext::OWN);
+                    return Ok((sub, view, contacts));
+                }
                 Ok(Some(view)) => return Ok((sub, view, contacts)),
                 Ok(None) => self.ensure_loaded(&[user]).await?,
                 Err(e) => {
@@ -740,6 +816,18 @@ impl Engine {
                 self.schedule_grace_expiry(user, token, grace);
             }
         }
+        if self.is_cluster()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let engine = self.clone();
+            let grace_token = (last && use_grace).then_some(token);
+            rt.spawn(async move {
+                let op = cluster::Op::Disconnect { grace_token };
+                if !engine.shared_transition(user, op).await {
+                    engine.fall_back_local(user);
+                }
+            });
+        }
     }
 
     fn schedule_grace_expiry(&self, user: UserId, token: u64, grace: Duration) {
@@ -749,6 +837,12 @@ impl Engine {
                 rt.spawn(async move {
                     tokio::time::sleep(grace).await;
                     engine.expire_grace(user, Some(token));
+                    if engine.is_cluster() {
+                        let op = cluster::Op::Expire { grace_token: token };
+                        if !engine.shared_transition(user, op).await {
+                            engine.fall_back_local(user);
+                        }
+                    }
                 });
             }
             Err(_) => engine.expire_grace(user, Some(token)),
@@ -786,9 +880,19 @@ impl Engine {
     /// Sets the user's chosen status and returns the user's own view.
     pub async fn update_status(&self, user: UserId, status: Status) -> Result<PresenceView> {
         self.ensure_loaded(&[user]).await?;
+        if self.is_cluster()
+            && self
+                .shared_transition(user, cluster::Op::Status(status))
+                .await
+            && let Some(v) = self.own_view(user)
+        {
+            return Ok(v);
+        }
         for _ in 0..4 {
-            if self.mutate(user, now_millis(), |e| e.chosen = status)
-                && let Some(v) = self.own_view(user)
+            if self.mutate(user, now_millis(), |e| {
+                e.chosen = status;
+                e.cluster_view = None;
+            }) && let Some(v) = self.own_view(user)
             {
                 return Ok(v);
             }
@@ -817,9 +921,20 @@ impl Engine {
     /// Changes the user's privacy settings; every watcher that gains or loses access is told at
     /// once.
     pub async fn set_privacy(&self, user: UserId, privacy: Privacy) -> Result<Privacy> {
+        self.ensure_loaded(&[user]).await?;
+        if self.is_cluster()
+            && self
+                .shared_transition(user, cluster::Op::Privacy(privacy))
+                .await
+        {
+            return Ok(privacy);
+        }
         for _ in 0..4 {
             self.ensure_loaded(&[user]).await?;
-            if self.mutate(user, now_millis(), |e| e.privacy = privacy) {
+            if self.mutate(user, now_millis(), |e| {
+                e.privacy = privacy;
+                e.cluster_view = None;
+            }) {
                 let shard = self.shard(user);
                 if let Some(e) = shard.users.get(&user) {
                     for v in &e.viewers {
@@ -856,18 +971,31 @@ impl Engine {
         }
         if !missing.is_empty() {
             let want: Vec<UserId> = missing.iter().map(|&i| ids[i]).collect();
-            let rows: HashMap<UserId, PresenceRow> = self
-                .shared
-                .store
-                .load_presence(&want)
-                .await?
-                .into_iter()
-                .map(|r| (r.user_id, r))
+            let (shared, from_store) = self.load_shared(&want).await;
+            let shared: HashMap<UserId, Entry> = shared
+                .iter()
+                .map(|s| (s.user, Self::entry_from_shared(s)))
                 .collect();
+            let rows: HashMap<UserId, PresenceRow> = if from_store.is_empty() {
+                HashMap::new()
+            } else {
+                self.shared
+                    .store
+                    .load_presence(&from_store)
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.user_id, r))
+                    .collect()
+            };
             for i in missing {
                 let u = ids[i];
-                let row = rows.get(&u).copied().unwrap_or_else(|| PresenceRow::new(u));
-                let state = Entry::from_row(&row, self.shared.epoch).state(u);
+                let state = match shared.get(&u) {
+                    Some(e) => e.state(u),
+                    None => {
+                        let row = rows.get(&u).copied().unwrap_or_else(|| PresenceRow::new(u));
+                        Entry::from_row(&row, self.shared.epoch).state(u)
+                    }
+                };
                 out[i] = Some(project(&state, ctx.for_user(u)));
             }
         }
@@ -957,6 +1085,7 @@ impl Engine {
             self.link(a, b).await?;
             self.link(b, a).await?;
         }
+        self.publish_contacts(true, pairs).await;
         Ok(())
     }
 
@@ -995,6 +1124,7 @@ impl Engine {
             self.unlink(a, b);
             self.unlink(b, a);
         }
+        self.publish_contacts(false, pairs).await;
         Ok(())
     }
 
@@ -1096,6 +1226,7 @@ impl Engine {
     /// change is flushed, and the clean stop is recorded. Call after the server stopped.
     pub async fn finish_shutdown(&self) {
         self.begin_shutdown();
+        self.leave_cluster().await;
         let now = now_millis();
         for i in 0..self.shared.shards.len() {
             let online: Vec<UserId> = {
@@ -1172,6 +1303,21 @@ impl ViewerContexts {
                 relation,
                 own_last_seen: crate::domain::Visibility::Everyone,
             },
+        }
+    }
+}
+
+/// Connects to Redis, retrying (and saying so) while it does not answer.
+async fn connect_cluster(config: &cluster::ClusterConfig) -> cluster::Cluster {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match cluster::Cluster::connect(config).await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "redis unavailable at start-up; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -41,13 +41,14 @@ impl From<ApiError> for Status {
                 EngineError::Closed => Status::cancelled("the stream closed while it was set up"),
                 EngineError::Busy => {
                     let mut status = Status::unavailable(
-                        "too many streams are being set up (a reconnect wave); retry in about a second",
+                        "too many streams are being set up (a reconnect wave); retry after grpc-retry-pushback-ms",
                     );
                     // gRPC's standard retry hint for clients with a retry policy.
-                    status.metadata_mut().insert(
-                        "grpc-retry-pushback-ms",
-                        tonic::metadata::MetadataValue::from_static("1000"),
-                    );
+                    // Jittered, so that refused clients do not all come back at once.
+                    let hint = 500 + rand::random::<u32>() % 1500;
+                    status
+                        .metadata_mut()
+                        .insert("grpc-retry-pushback-ms", hint.into());
                     status
                 }
                 EngineError::Store(cause) => {

@@ -35,6 +35,9 @@ impl MySqlStore {
         let options = MySqlConnectOptions::from_str(url)?;
         let pool = MySqlPoolOptions::new()
             .max_connections(POOL_SIZE)
+            // sqlx's 30 s default would stall start-up, flushes and loads for half a minute
+            // per attempt during an outage; fail fast and let the callers retry and say so.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .connect_with(options)
             .await?;
         Ok(MySqlStore { pool })

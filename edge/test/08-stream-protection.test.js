@@ -1,0 +1,93 @@
+'use strict';
+// The edge keeps a browser's stream alive against its own excesses: an update_status flood is
+// coalesced under the service's status rate limit (which would end the stream with
+// RESOURCE_EXHAUSTED), and over-long device labels are trimmed to what the service accepts.
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
+const { connect, startTestEdge, eventually } = require('./helpers/clients');
+
+const FLOODER = 801;
+const CONTACT = 802;
+const LONG_LABEL = 803;
+
+let server;
+let svc;
+let edge;
+
+before(async () => {
+  server = await startPresenceServer();
+  svc = serviceClients(server.target);
+  await svc.addContacts([[FLOODER, CONTACT], [LONG_LABEL, CONTACT]]);
+  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
+});
+
+after(async () => {
+  if (edge) await edge.close();
+  if (svc) svc.close();
+  if (server) await server.destroy();
+});
+
+test('an update_status flood is coalesced; the stream survives and the last status wins', async (t) => {
+  const contact = await connect(edge.url, { name: 'contact' });
+  const flooder = await connect(edge.url, { name: 'flooder' });
+  t.after(() => {
+    contact.close();
+    flooder.close();
+  });
+  contact.socket.emit('user_authenticated', CONTACT);
+  await contact.presence(FLOODER, 'offline');
+  flooder.socket.emit('user_authenticated', FLOODER);
+  await contact.presence(FLOODER, 'online');
+
+  const since = contact.mark();
+  for (let i = 0; i < 59; i += 1) flooder.socket.emit('update_status', i % 2 ? 'online' : 'away');
+  flooder.socket.emit('update_status', 'busy');
+  await contact.presence(FLOODER, 'busy', { since, timeout: 10000 });
+
+  const statuses = contact.received('presence_updated', since).filter((d) => d.user_id === FLOODER).map((d) => d.status);
+  t.diagnostic(`the contact saw ${statuses.length} changes: ${statuses.join(',')}`);
+  assert.equal(statuses.at(-1), 'busy');
+  assert.ok(!statuses.includes('offline'), 'the flooder never dropped offline');
+  assert.ok(statuses.length <= 12, `${statuses.length} changes reached the service`);
+  assert.deepEqual(
+    edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)),
+    [],
+    'the flooder stream was never ended',
+  );
+  assert.equal(edge.stats().ready, 2);
+});
+
+test('a device label longer than the service accepts is trimmed, not refused', async (t) => {
+  const contact = await connect(edge.url, { name: 'contact2' });
+  t.after(() => contact.close());
+  contact.socket.emit('user_authenticated', CONTACT);
+  await contact.presence(LONG_LABEL, 'offline');
+  const device = await connect(edge.url, { name: 'long-label', auth: { device: `tablet ${'é'.repeat(200)}` } });
+  t.after(() => device.close());
+  device.socket.emit('user_authenticated', LONG_LABEL);
+  await contact.presence(LONG_LABEL, 'online');
+});
+
+test('streams spill over to more gRPC connections past streamsPerChannel', async (t) => {
+  const small = await startTestEdge({ target: server.target, identity: 'trust-client', streamsPerChannel: 1 });
+  t.after(() => small.close());
+  const contact = await connect(small.url, { name: 'contact3' });
+  const a = await connect(small.url, { name: 'flooder3' });
+  const b = await connect(small.url, { name: 'long-label3' });
+  t.after(() => {
+    contact.close();
+    a.close();
+    b.close();
+  });
+  contact.socket.emit('user_authenticated', CONTACT);
+  await contact.presence(FLOODER, 'offline');
+  a.socket.emit('user_authenticated', FLOODER);
+  b.socket.emit('user_authenticated', LONG_LABEL);
+  // FLOODER's chosen status is still 'busy' from the first test: the service persists it.
+  await contact.presence(FLOODER, 'busy');
+  await contact.presence(LONG_LABEL, 'online');
+  // A contact can learn of a device before that device's own Welcome reaches the edge.
+  await eventually(() => small.stats().ready === 3, { what: 'three ready streams' });
+  assert.deepEqual(small.stats(), { sockets: 3, sessions: 3, ready: 3, channels: 3, streams: 3 });
+});

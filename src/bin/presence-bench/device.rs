@@ -1,0 +1,433 @@
+//! Simulated devices: one Authenticate stream per online user, each read by its own task that
+//! checks every presence_updated it gets (order, and for churn changes, latency, status and
+//! gaps), and obeys commands from the drivers (change status, flap).
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Streaming};
+
+use presence::pb::{self, client_message, server_message};
+
+use crate::client::{Auth, Pool};
+use crate::plan::Plan;
+use crate::recorder::{Hist, Recorder, Tally};
+
+/// How long opening a stream may take before it counts as failed.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the drivers ask of a device.
+#[derive(Debug)]
+pub enum Cmd {
+    /// Send update_status on the stream (what devices do; the RPC would work too).
+    Status(pb::Status),
+    /// Disconnect, then reconnect at once.
+    Flap,
+}
+
+/// Everything the devices of a run share.
+pub struct Shared {
+    pub pool: Pool,
+    pub auth: Auth,
+    pub recorder: Arc<Recorder>,
+    /// By user id: the user's own state from its first welcome.
+    own: Vec<Own>,
+    /// Set once the churn timetable is known; receivers read it to identify changes.
+    pub plan: OnceLock<Plan>,
+}
+
+#[derive(Default)]
+struct Own {
+    connected: AtomicBool,
+    version: AtomicU64,
+    status: AtomicI32,
+}
+
+impl Shared {
+    pub fn new(pool: Pool, auth: Auth, recorder: Arc<Recorder>, max_user: u64) -> Shared {
+        Shared {
+            pool,
+            auth,
+            recorder,
+            own: (0..=max_user).map(|_| Own::default()).collect(),
+            plan: OnceLock::new(),
+        }
+    }
+
+    /// Whether `user`'s first connection got its welcome.
+    pub fn connected(&self, user: u64) -> bool {
+        self.own
+            .get(user as usize)
+            .is_some_and(|o| o.connected.load(Ordering::Acquire))
+    }
+
+    /// `user`'s (version, status) from its first welcome.
+    pub fn own_state(&self, user: u64) -> (u64, i32) {
+        let o = &self.own[user as usize];
+        (
+            o.version.load(Ordering::Acquire),
+            o.status.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// A stream that got its welcome.
+struct Opened {
+    requests: mpsc::UnboundedSender<pb::ClientMessage>,
+    responses: Streaming<pb::ServerMessage>,
+    welcome: pb::Welcome,
+    took: Duration,
+}
+
+/// Opens `user`'s Authenticate stream and waits for its welcome.
+async fn open(shared: &Shared, user: u64) -> anyhow::Result<Opened> {
+    let started = Instant::now();
+    let (requests, rx) = mpsc::unbounded_channel();
+    requests
+        .send(pb::ClientMessage {
+            kind: Some(client_message::Kind::Hello(pb::Hello {
+                device: "bench".into(),
+            })),
+        })
+        .expect("the receiver is alive: it is right here");
+    let mut req = Request::new(UnboundedReceiverStream::new(rx));
+    shared.auth.as_user(&mut req, user)?;
+    let call = async {
+        let mut responses = shared
+            .pool
+            .presence(user)
+            .authenticate(req)
+            .await
+            .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let first = responses
+            .message()
+            .await
+            .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?;
+        match first.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(welcome)) => Ok(Opened {
+                requests,
+                responses,
+                welcome,
+                took: started.elapsed(),
+            }),
+            Some(other) => Err(anyhow!("expected a welcome first, got {other:?}")),
+            None => Err(anyhow!("the stream ended before its welcome")),
+        }
+    };
+    tokio::time::timeout(OPEN_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow!("no welcome within {OPEN_TIMEOUT:?}"))?
+        .with_context(|| format!("Authenticate as user {user}"))
+}
+
+/// One device's receiving side.
+struct Device {
+    user: u64,
+    /// Whether this device's receipts of churn changes are accounted (latency, gaps, losses).
+    /// Flapping devices are not: their welcomes restart what they should see.
+    tracked: bool,
+    shared: Arc<Shared>,
+    view: View,
+}
+
+/// What one stream has seen: a field of its own so that recording (which borrows `shared`)
+/// can update it without cloning the `Arc` per message.
+struct View {
+    user: u64,
+    tracked: bool,
+    /// Contact ids from the welcome, ascending, and the last version seen of each.
+    contacts: Vec<u64>,
+    last: Vec<u64>,
+    own_last: u64,
+}
+
+enum Step {
+    Message(Result<Option<pb::ServerMessage>, tonic::Status>),
+    Command(Option<Cmd>),
+}
+
+impl Device {
+    fn new(user: u64, tracked: bool, shared: Arc<Shared>, welcome: &pb::Welcome) -> Device {
+        Device {
+            user,
+            tracked,
+            shared,
+            view: View::new(user, tracked, welcome),
+        }
+    }
+
+    async fn run(mut self, first: Opened, mut commands: mpsc::UnboundedReceiver<Cmd>) {
+        let mut live = Some((first.requests, first.responses));
+        loop {
+            let step = match &mut live {
+                Some((_, responses)) => tokio::select! {
+                    m = responses.message() => Step::Message(m),
+                    c = commands.recv() => Step::Command(c),
+                },
+                None => Step::Command(commands.recv().await),
+            };
+            match step {
+                Step::Message(Ok(Some(m))) => self.on_message(m),
+                Step::Message(Ok(None)) => {
+                    self.failed("the server ended the stream");
+                    live = None;
+                }
+                Step::Message(Err(s)) => {
+                    self.failed(format_args!("stream error {}: {}", s.code(), s.message()));
+                    live = None;
+                }
+                Step::Command(None) => break,
+                Step::Command(Some(Cmd::Status(status))) => {
+                    let msg = pb::ClientMessage {
+                        kind: Some(client_message::Kind::UpdateStatus(
+                            pb::UpdateStatusRequest {
+                                status: status as i32,
+                            },
+                        )),
+                    };
+                    let sent = live.as_ref().is_some_and(|(tx, _)| tx.send(msg).is_ok());
+                    if !sent {
+                        self.shared.recorder.with(|t| t.counters.dead_commands += 1);
+                    }
+                }
+                Step::Command(Some(Cmd::Flap)) => {
+                    // Dropping both halves cancels the call: the server sees the device leave.
+                    live = None;
+                    match open(&self.shared, self.user).await {
+                        Ok(o) => {
+                            self.view = View::new(self.user, self.tracked, &o.welcome);
+                            self.shared.recorder.with(|t| {
+                                t.counters.reconnects += 1;
+                                t.record(Hist::Reconnect, o.took);
+                            });
+                            live = Some((o.requests, o.responses));
+                        }
+                        Err(e) => {
+                            self.shared
+                                .recorder
+                                .with(|t| t.counters.reconnect_errors += 1);
+                            self.shared.recorder.error(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        self.view.finish(&self.shared);
+    }
+
+    fn failed(&self, why: impl std::fmt::Display) {
+        self.shared.recorder.with(|t| t.counters.stream_errors += 1);
+        self.shared
+            .recorder
+            .error(format!("user {}: {why}", self.user));
+    }
+
+    fn on_message(&mut self, m: pb::ServerMessage) {
+        let Some(server_message::Kind::PresenceUpdated(p)) = m.kind else {
+            return;
+        };
+        let now = Instant::now();
+        let plan = self.shared.plan.get();
+        let view = &mut self.view;
+        let problem = self
+            .shared
+            .recorder
+            .with(|t| view.on_presence(&p, now, plan, t));
+        if let Some(what) = problem {
+            self.shared.recorder.error(what);
+        }
+    }
+}
+
+impl View {
+    /// What a welcome lists is what this stream has seen so far.
+    fn new(user: u64, tracked: bool, welcome: &pb::Welcome) -> View {
+        let mut c: Vec<(u64, u64)> = welcome
+            .contacts
+            .iter()
+            .map(|p| (p.user_id, p.version))
+            .collect();
+        c.sort_unstable();
+        View {
+            user,
+            tracked,
+            contacts: c.iter().map(|&(u, _)| u).collect(),
+            last: c.iter().map(|&(_, v)| v).collect(),
+            own_last: welcome.self_.as_ref().map_or(0, |p| p.version),
+        }
+    }
+
+    /// Checks and counts one presence_updated; returns what was wrong with it, if anything,
+    /// for the report's error list.
+    fn on_presence(
+        &mut self,
+        p: &pb::UserPresence,
+        now: Instant,
+        plan: Option<&Plan>,
+        t: &mut Tally,
+    ) -> Option<String> {
+        let (me, u, v) = (self.user, p.user_id, p.version);
+        if u == me {
+            t.counters.echoes += 1;
+            if v <= self.own_last {
+                t.counters.out_of_order += 1;
+                return Some(format!(
+                    "user {me}: own version {v} after {}",
+                    self.own_last
+                ));
+            }
+            self.own_last = v;
+            return None;
+        }
+        let Ok(i) = self.contacts.binary_search(&u) else {
+            t.counters.unexpected += 1;
+            return Some(format!("user {me}: update of user {u}, not a contact"));
+        };
+        let last = self.last[i];
+        if v <= last {
+            t.counters.out_of_order += 1;
+            return Some(format!(
+                "user {me}: contact {u} version {v} after version {last}"
+            ));
+        }
+        self.last[i] = v;
+        let Some(c) = plan.and_then(|plan| plan.change(u, v)) else {
+            t.counters.other_received += 1;
+            return None;
+        };
+        if !self.tracked {
+            t.counters.churn_untracked += 1;
+            return None;
+        }
+        t.counters.churn_received += 1;
+        t.counters.superseded += v - last.max(c.base) - 1;
+        t.record(Hist::Delivery, now.saturating_duration_since(c.scheduled));
+        if p.status != c.status {
+            t.counters.wrong_status += 1;
+            return Some(format!(
+                "user {me}: contact {u} version {v} (change {} after base {}) has status {} where the change set {}",
+                v - c.base,
+                c.base,
+                p.status,
+                c.status
+            ));
+        }
+        None
+    }
+
+    /// Counts, for a tracked receiver, the churn changes whose final version never arrived.
+    fn finish(&self, shared: &Shared) {
+        let Some(plan) = shared.plan.get().filter(|_| self.tracked) else {
+            return;
+        };
+        let lost: u64 = self
+            .contacts
+            .iter()
+            .zip(&self.last)
+            .filter_map(|(&u, &last)| {
+                let (base, fin) = plan.versions(u)?;
+                Some(fin.saturating_sub(last.max(base)))
+            })
+            .sum();
+        if lost > 0 {
+            shared.recorder.with(|t| t.counters.lost += lost);
+        }
+    }
+}
+
+/// The devices of a run, addressable by user id.
+pub struct Fleet {
+    shared: Arc<Shared>,
+    /// By user id: the command queue of the user's device task.
+    commands: Vec<Option<mpsc::UnboundedSender<Cmd>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Fleet {
+    pub fn new(shared: Arc<Shared>, max_user: u64) -> Fleet {
+        Fleet {
+            shared,
+            commands: (0..=max_user).map(|_| None).collect(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Connects one device per user, `concurrency` opens at a time, and returns once every open
+    /// has succeeded or failed. Each device then lives in its own task until [`Fleet::close`].
+    pub async fn connect(
+        &mut self,
+        users: impl IntoIterator<Item = u64>,
+        tracked: impl Fn(u64) -> bool,
+        concurrency: usize,
+    ) {
+        let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+        for user in users {
+            let permit = gate
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.commands[user as usize] = Some(tx);
+            let shared = self.shared.clone();
+            let tracked = tracked(user);
+            self.tasks.push(tokio::spawn(async move {
+                // The permit is held until the outcome is recorded: `connect` returns once all
+                // permits are back, and then reads the counts.
+                match open(&shared, user).await {
+                    Ok(o) => {
+                        let me = &shared.own[user as usize];
+                        let own = o.welcome.self_.as_ref();
+                        me.version
+                            .store(own.map_or(0, |p| p.version), Ordering::Release);
+                        me.status
+                            .store(own.map_or(0, |p| p.status), Ordering::Release);
+                        me.connected.store(true, Ordering::Release);
+                        shared.recorder.with(|t| {
+                            t.counters.connects += 1;
+                            t.record(Hist::Welcome, o.took);
+                        });
+                        drop(permit);
+                        let device = Device::new(user, tracked, shared.clone(), &o.welcome);
+                        device.run(o, rx).await;
+                    }
+                    Err(e) => {
+                        shared.recorder.with(|t| t.counters.connect_errors += 1);
+                        shared.recorder.error(format!("{e:#}"));
+                        drop(permit);
+                    }
+                }
+            }));
+        }
+        // Every open holds a permit until it is done: all permits back means all opens done.
+        let _all = gate
+            .acquire_many(concurrency.max(1) as u32)
+            .await
+            .expect("the semaphore is never closed");
+    }
+
+    /// Queues a command for `user`'s device; false when it has none.
+    pub fn send(&self, user: u64, cmd: Cmd) -> bool {
+        self.commands
+            .get(user as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|tx| tx.send(cmd).is_ok())
+    }
+
+    /// Ends every device (each first accounts for what it never received), and waits for them.
+    pub async fn close(mut self) {
+        self.commands.clear();
+        let all = futures::future::join_all(self.tasks.drain(..));
+        if tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .is_err()
+        {
+            eprintln!("warning: some device tasks did not end within 30 s");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Open-loop timetables, and the churn plan that lets every receiver find, from a delivery alone,
+//! which change it is and when that change was scheduled.
+//!
+//! Change `i` of a churn run is scheduled at `t0 + i / R` and made by the churner at position
+//! `i % M` of a shuffled order of the M churners; it is that user's `k = i / M`-th change. A
+//! user's version grows by one with every change of its effective status, and in a churn run
+//! only the user's own changes move it, so the change a receiver sees as `(user, version)` is
+//! `k = version - base - 1`, where `base` is the version the user's welcome reported right after
+//! it connected. Nothing is shared between the driver and the receivers but this read-only plan
+//! (and a per-user count of changes sent, read at the end): no map of send times, no lock.
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+
+use presence::pb;
+
+/// A fixed timetable: event `i` is due at `t0 + i / rate`, for `total` events.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub t0: Instant,
+    /// Events per second.
+    pub rate: u64,
+    pub total: u64,
+}
+
+impl Schedule {
+    pub fn new(t0: Instant, rate: u64, duration: Duration) -> Schedule {
+        let rate = rate.max(1);
+        Schedule {
+            t0,
+            rate,
+            total: (rate as f64 * duration.as_secs_f64()).round() as u64,
+        }
+    }
+
+    /// When event `i` is due.
+    pub fn at(&self, i: u64) -> Instant {
+        self.t0 + Duration::from_nanos((i as u128 * 1_000_000_000 / self.rate as u128) as u64)
+    }
+
+    /// How many events are due at `now` (all those scheduled at or before it).
+    fn due(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.t0).as_nanos();
+        ((elapsed * self.rate as u128 / 1_000_000_000) as u64 + 1).min(self.total)
+    }
+
+    /// Calls `fire(i, scheduled, now)` for every event, in order, as each falls due: a 1 ms
+    /// tick fires every event due by then, so a late tick catches up instead of shifting the
+    /// timetable (open loop: nothing waits for a reply).
+    pub async fn run(&self, mut fire: impl FnMut(u64, Instant, Instant)) {
+        tokio::time::sleep_until(self.t0.into()).await;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut i = 0;
+        while i < self.total {
+            tick.tick().await;
+            let now = Instant::now();
+            let due = self.due(now);
+            while i < due {
+                fire(i, self.at(i), now);
+                i += 1;
+            }
+        }
+    }
+}
+
+/// The statuses a churner cycles through: each differs from the one before, so every change is
+/// a real change of effective status (and of version).
+const CYCLE: [pb::Status; 3] = [pb::Status::Online, pb::Status::Away, pb::Status::Busy];
+
+/// Position in [`CYCLE`] of a status a user starts from; OFFLINE (invisible) starts the cycle at
+/// ONLINE, which is then its first change.
+pub fn cycle_index(status: i32) -> u8 {
+    match pb::Status::try_from(status) {
+        Ok(pb::Status::Online) => 0,
+        Ok(pb::Status::Away) => 1,
+        _ => 2,
+    }
+}
+
+const NOT_A_CHURNER: u32 = u32::MAX;
+
+/// Who changes status when, and what each receiver should therefore see.
+pub struct Plan {
+    pub schedule: Schedule,
+    /// Churners in the order the timetable visits them.
+    order: Vec<u64>,
+    /// By user id: position in `order`, or NOT_A_CHURNER.
+    position: Vec<u32>,
+    /// By user id: the version and status (cycle index) the user's welcome reported.
+    base: Vec<u64>,
+    base_status: Vec<u8>,
+    /// By user id: changes handed to the user's device. Written by the driver only.
+    sent: Vec<AtomicU32>,
+}
+
+/// A churn change, as identified from a delivery.
+pub struct Change {
+    pub scheduled: Instant,
+    pub status: i32,
+    /// The user's version before its first change.
+    pub base: u64,
+}
+
+impl Plan {
+    /// `churners` must be shuffled already; `base` gives each user's (version, status) as its
+    /// welcome reported them; `max_user` bounds the user ids.
+    pub fn new(
+        schedule: Schedule,
+        churners: Vec<u64>,
+        max_user: u64,
+        base: impl Fn(u64) -> (u64, i32),
+    ) -> Plan {
+        let len = max_user as usize + 1;
+        let mut position = vec![NOT_A_CHURNER; len];
+        let mut base_version = vec![0; len];
+        let mut base_status = vec![0; len];
+        for (p, &u) in churners.iter().enumerate() {
+            position[u as usize] = p as u32;
+            let (v, s) = base(u);
+            base_version[u as usize] = v;
+            base_status[u as usize] = cycle_index(s);
+        }
+        Plan {
+            schedule,
+            order: churners,
+            position,
+            base: base_version,
+            base_status,
+            sent: (0..len).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    pub fn churners(&self) -> &[u64] {
+        &self.order
+    }
+
+    /// The user and status of change `i`, counting it as sent.
+    pub fn take(&self, i: u64) -> (u64, pb::Status) {
+        let m = self.order.len() as u64;
+        let user = self.order[(i % m) as usize];
+        let k = i / m;
+        self.sent[user as usize].fetch_add(1, Ordering::Relaxed);
+        (user, self.status_of(user, k))
+    }
+
+    fn status_of(&self, user: u64, k: u64) -> pb::Status {
+        let start = self.base_status[user as usize] as u64;
+        CYCLE[((start + k + 1) % CYCLE.len() as u64) as usize]
+    }
+
+    fn position(&self, user: u64) -> Option<u64> {
+        match self.position.get(user as usize) {
+            Some(&p) if p != NOT_A_CHURNER => Some(p as u64),
+            _ => None,
+        }
+    }
+
+    /// The churn change a delivery of `(user, version)` carries, if it is one.
+    pub fn change(&self, user: u64, version: u64) -> Option<Change> {
+        let p = self.position(user)?;
+        let base = self.base[user as usize];
+        // Above the changes sent, the version moved for another reason (the user's device
+        // leaving at the end of the run).
+        if version <= base || version > base + self.sent(user) {
+            return None;
+        }
+        let k = version - base - 1;
+        Some(Change {
+            scheduled: self.schedule.at(k * self.order.len() as u64 + p),
+            status: self.status_of(user, k) as i32,
+            base,
+        })
+    }
+
+    /// For a churner: (base version, version after every change sent so far).
+    pub fn versions(&self, user: u64) -> Option<(u64, u64)> {
+        self.position(user)?;
+        let base = self.base[user as usize];
+        Some((
+            base,
+            base + self.sent[user as usize].load(Ordering::Relaxed) as u64,
+        ))
+    }
+
+    /// Changes sent of `user`.
+    pub fn sent(&self, user: u64) -> u64 {
+        self.sent
+            .get(user as usize)
+            .map_or(0, |s| s.load(Ordering::Relaxed) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_maps_back_to_the_change_that_caused_it() {
+        let t0 = Instant::now();
+        let schedule = Schedule::new(t0, 1000, Duration::from_secs(1));
+        let plan = Plan::new(schedule, vec![3, 1, 2], 3, |u| (10 * u, 1));
+        let mut sent = Vec::new();
+        for i in 0..7 {
+            sent.push(plan.take(i));
+        }
+        // Change 4 is user 1's (position 1) second change: version base + 2.
+        assert_eq!(sent[4].0, 1);
+        let c = plan.change(1, 12).expect("a churn version");
+        assert_eq!(c.scheduled, schedule.at(4), "scheduled time of change 4");
+        assert_eq!(c.status, sent[4].1 as i32, "the status change 4 set");
+        assert!(
+            plan.change(1, 10).is_none(),
+            "the base version is no change"
+        );
+        assert_eq!(
+            plan.versions(3),
+            Some((30, 33)),
+            "user 3 got changes 0, 3, 6"
+        );
+    }
+
+    #[test]
+    fn statuses_always_change() {
+        let plan = Plan::new(
+            Schedule::new(Instant::now(), 1, Duration::from_secs(1)),
+            vec![1],
+            1,
+            |_| (0, pb::Status::Away as i32),
+        );
+        let mut prev = pb::Status::Away;
+        for k in 0..10 {
+            let s = plan.status_of(1, k);
+            assert_ne!(s, prev, "change {k} repeats its status");
+            prev = s;
+        }
+    }
+
+    #[test]
+    fn the_timetable_counts_events_due() {
+        let s = Schedule::new(Instant::now(), 100, Duration::from_secs(2));
+        assert_eq!(s.total, 200);
+        assert_eq!(s.due(s.t0), 1, "event 0 is due at t0");
+        assert_eq!(s.due(s.t0 + Duration::from_millis(15)), 2);
+        assert_eq!(
+            s.due(s.t0 + Duration::from_secs(9)),
+            200,
+            "never past total"
+        );
+    }
+}

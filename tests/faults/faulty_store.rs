@@ -1,0 +1,103 @@
+//! A store that delegates to a real one, and fails the presence-row operations (load, upsert,
+//! checkpoint) with a connection error while the test says the database is down. Contact reads
+//! and the epoch bookkeeping still pass through: the outage tests are about the write-behind and
+//! the in-memory truth, not about the contact graph.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use presence::domain::{Millis, UserId};
+use presence::store::{Epoch, PresenceRow, Result, Store, StoreError};
+
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    /// While true, presence-row operations fail.
+    down: AtomicBool,
+    /// Operations refused so far, to prove the server did try the database during the outage.
+    refused: AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<FaultyStore> {
+        Arc::new(FaultyStore {
+            inner,
+            down: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            // What sqlx reports when the server does not answer: a transient error.
+            return Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the database is down (FaultyStore)",
+            ))));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn migrate(&self) -> Result<()> {
+        self.inner.migrate().await
+    }
+
+    async fn begin_epoch(&self) -> Result<Epoch> {
+        self.inner.begin_epoch().await
+    }
+
+    async fn mark_clean_shutdown(&self) -> Result<()> {
+        self.inner.mark_clean_shutdown().await
+    }
+
+    async fn load_presence(&self, users: &[UserId]) -> Result<Vec<PresenceRow>> {
+        self.check()?;
+        self.inner.load_presence(users).await
+    }
+
+    async fn upsert_presence_batch(&self, rows: &[PresenceRow]) -> Result<()> {
+        self.check()?;
+        self.inner.upsert_presence_batch(rows).await
+    }
+
+    async fn checkpoint_online(&self, users: &[UserId], at: Millis) -> Result<()> {
+        self.check()?;
+        self.inner.checkpoint_online(users, at).await
+    }
+
+    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>> {
+        self.inner.contacts_of(user).await
+    }
+
+    async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool> {
+        self.inner.are_contacts(a, b).await
+    }
+
+    async fn add_contacts(&self, pairs: &[(UserId, UserId)]) -> Result<()> {
+        self.inner.add_contacts(pairs).await
+    }
+
+    async fn remove_contacts(&self, pairs: &[(UserId, UserId)]) -> Result<()> {
+        self.inner.remove_contacts(pairs).await
+    }
+
+    async fn list_contacts(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<UserId>> {
+        self.inner.list_contacts(user, after, limit).await
+    }
+}

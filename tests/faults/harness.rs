@@ -1,0 +1,835 @@
+//! The harness of the fault tests: servers (in-process or as a real process that can be killed
+//! with SIGKILL), callers that name themselves through development-mode metadata, and receivers
+//! (devices and watchers) that wait for the updates a test expects, with a timeout.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use presence::domain::UserId;
+use presence::engine::Engine;
+use presence::pb::{self, client_message, server_message, watch_contacts_response};
+use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
+use presence::server::Application;
+use presence::settings::Settings;
+use presence::store::{self, PresenceRow, Store};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// How long a test waits for something it expects before failing.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The service name of service callers.
+pub const SERVICE: &str = "faults";
+
+/// The fault tests measure times (detection, convergence, latency percentiles) on a 2-core
+/// machine: they take turns, so that one test's 2000 streams do not skew another's figures.
+static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds the machine for one test; see [`EXCLUSIVE`].
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    init_tracing();
+    EXCLUSIVE.lock().await
+}
+
+static TRACING: Once = Once::new();
+
+/// Server logs on stderr when `TEST_LOG` is set, silent otherwise.
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "presence=debug".into()),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process servers
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary directory for a test's SQLite file, and the URL of that file.
+pub fn sqlite_dir() -> (Arc<TempDir>, String) {
+    let dir = tempfile::tempdir().expect("a temporary directory for the database");
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    (Arc::new(dir), url)
+}
+
+/// Settings of a test server: the given database, port 0, no anti-flap grace, fast flushes, no
+/// metrics listener; then `configure`.
+pub fn test_settings(database_url: &str, configure: impl FnOnce(&mut Settings)) -> Settings {
+    let mut settings = Settings::defaults();
+    settings.listen = "127.0.0.1:0".parse().expect("a literal address");
+    settings.database_url = database_url.to_string();
+    settings.offline_grace_ms = 0;
+    settings.flush_interval_ms = 50;
+    settings.metrics_listen = String::new();
+    configure(&mut settings);
+    settings
+}
+
+/// A server running in this process, built exactly as `presence serve` builds it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub settings: Settings,
+    /// The running engine, for counters GetStats does not carry (db_errors, dirty_users).
+    pub engine: Engine,
+    stop_tx: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Keeps the SQLite file alive as long as the server (and across restarts).
+    pub db_dir: Option<Arc<TempDir>>,
+}
+
+impl TestServer {
+    /// A server on a fresh SQLite file.
+    pub async fn start(configure: impl FnOnce(&mut Settings)) -> TestServer {
+        let (dir, url) = sqlite_dir();
+        Self::start_with(test_settings(&url, configure), Some(dir)).await
+    }
+
+    /// A server with the given settings (for example a restart on the same database).
+    pub async fn start_with(settings: Settings, db_dir: Option<Arc<TempDir>>) -> TestServer {
+        init_tracing();
+        let app = Application::build(settings.clone())
+            .await
+            .expect("the test server builds");
+        Self::run(app, settings, db_dir)
+    }
+
+    /// A server on a store the test opened (and may have wrapped to inject faults).
+    pub async fn start_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        db_dir: Option<Arc<TempDir>>,
+    ) -> TestServer {
+        init_tracing();
+        let app = Application::build_with_store(settings.clone(), store)
+            .await
+            .expect("the test server builds on the given store");
+        Self::run(app, settings, db_dir)
+    }
+
+    fn run(app: Application, settings: Settings, db_dir: Option<Arc<TempDir>>) -> TestServer {
+        let addr = app.local_addr();
+        let engine = app.engine().clone();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async {
+            let _ = stop_rx.await;
+        }));
+        TestServer {
+            addr,
+            settings,
+            engine,
+            stop_tx: Some(stop_tx),
+            handle: Some(handle),
+            db_dir,
+        }
+    }
+
+    /// Triggers the graceful shutdown and waits for `run_until_stopped` to return, at most
+    /// `limit`. Returns how long it took.
+    pub async fn stop_within(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let result = tokio::time::timeout(limit, handle)
+                .await
+                .unwrap_or_else(|_| panic!("run_until_stopped returns within {limit:?}"))
+                .expect("the server task does not panic");
+            result.expect("the server stops without error");
+        }
+        started.elapsed()
+    }
+
+    /// A new HTTP/2 connection to the server.
+    pub async fn connection(&self) -> Channel {
+        connect(self.addr).await
+    }
+}
+
+/// A new HTTP/2 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    endpoint(addr)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("the server at {addr} accepts connections: {e}"))
+}
+
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect_timeout(WAIT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers as processes
+// ---------------------------------------------------------------------------------------------
+
+/// A `presence serve` process: the only way to test kill -9 for real.
+pub struct ServerProcess {
+    child: Child,
+    /// The bound address, once the process printed `listening on ADDR`.
+    pub addr: Option<SocketAddr>,
+    /// Everything the process wrote on stderr (its logs) so far.
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts `presence serve --listen 127.0.0.1:0` on the database with the given extra
+    /// environment, and waits for its `listening on` line.
+    pub async fn serve(database_url: &str, env: &[(&str, &str)]) -> ServerProcess {
+        let (mut process, addr_rx) = Self::spawn(database_url, env);
+        let addr = match tokio::time::timeout(Duration::from_secs(20), addr_rx).await {
+            Ok(Ok(addr)) => addr,
+            _ => panic!(
+                "the server process printed no `listening on` line within 20 s; stderr:\n{}",
+                process.stderr()
+            ),
+        };
+        process.addr = Some(addr);
+        process
+    }
+
+    /// Starts the process without waiting for it to bind (for a database that is down).
+    pub fn start(database_url: &str, env: &[(&str, &str)]) -> ServerProcess {
+        Self::spawn(database_url, env).0
+    }
+
+    fn spawn(
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> (ServerProcess, oneshot::Receiver<SocketAddr>) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        // The test's own environment must not leak settings into the server.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("PRESENCE_") || key == "DATABASE_URL" || key == "RUST_LOG" {
+                command.env_remove(key.as_ref());
+            }
+        }
+        command
+            .env("DATABASE_URL", database_url)
+            .env("PRESENCE_METRICS_LISTEN", "")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the presence binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (addr_tx, addr_rx) = oneshot::channel();
+        // Plain threads: reading a pipe blocks, and the pipes must be drained so the server
+        // never blocks on a full one.
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ")
+                    && let Ok(addr) = addr.trim().parse::<SocketAddr>()
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().expect("the stderr log lock is never poisoned");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let process = ServerProcess {
+            child,
+            addr: None,
+            stderr: log,
+        };
+        (process, addr_rx)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+            .expect("the process was started with `serve`, which waits for its address")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .expect("the stderr log lock is never poisoned")
+            .clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the process wrote `needle` on stderr, at most `within`.
+    pub async fn wait_for_log(&mut self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the server process did not log {needle:?} within {within:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9: no flush, no clean-shutdown mark, sockets closed by the kernel.
+    pub fn kill9(&mut self) {
+        self.child
+            .kill()
+            .expect("SIGKILL can be sent to our own child");
+        self.child.wait().expect("the killed child can be reaped");
+    }
+
+    /// SIGTERM, then waits for a clean exit, at most `within`.
+    pub async fn terminate(&mut self, within: Duration) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) with a pid of our own, still unreaped, child.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM can be sent to our own child");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be polled") {
+                assert!(
+                    status.success(),
+                    "the server exits cleanly on SIGTERM: {status}; stderr:\n{}",
+                    self.stderr()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit within {within:?} of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // A failed test must not leave a server running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callers and calls
+// ---------------------------------------------------------------------------------------------
+
+/// Who makes a call: the development-mode metadata it carries.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    metadata: Vec<(&'static str, String)>,
+}
+
+/// A user.
+pub fn user(id: u64) -> Caller {
+    Caller {
+        metadata: vec![("x-presence-user-id", id.to_string())],
+    }
+}
+
+/// A service: sees everyone, with the `connected` flag; may manage contacts and read stats.
+pub fn service() -> Caller {
+    Caller {
+        metadata: vec![("x-presence-service", SERVICE.to_string())],
+    }
+}
+
+impl Caller {
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        for (name, value) in &self.metadata {
+            request.metadata_mut().insert(
+                *name,
+                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
+            );
+        }
+        request
+    }
+}
+
+pub fn uid(id: u64) -> UserId {
+    UserId::parse(id).expect("test user ids are positive")
+}
+
+/// Adds symmetric contact pairs as a service; panics on refusal.
+pub async fn add_contacts(channel: &Channel, pairs: &[(u64, u64)]) {
+    let pairs = pairs
+        .iter()
+        .map(|&(user_id, contact_id)| pb::ContactPair {
+            user_id,
+            contact_id,
+        })
+        .collect();
+    ContactsClient::new(channel.clone())
+        .add_contacts(service().request(pb::AddContactsRequest { pairs }))
+        .await
+        .expect("a service may add contacts");
+}
+
+pub async fn get_presence(
+    channel: &Channel,
+    caller: &Caller,
+    ids: &[u64],
+) -> Result<Vec<pb::UserPresence>, tonic::Status> {
+    let reply = PresenceClient::new(channel.clone())
+        .get_presence(caller.request(pb::GetPresenceRequest {
+            user_ids: ids.to_vec(),
+        }))
+        .await?;
+    Ok(reply.into_inner().users)
+}
+
+/// Presence of every given user as a service sees it, in chunks the server accepts.
+pub async fn presence_as_service(channel: &Channel, ids: &[u64]) -> Vec<pb::UserPresence> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        out.extend(
+            get_presence(channel, &service(), chunk)
+                .await
+                .expect("a service may read presence"),
+        );
+    }
+    out
+}
+
+pub async fn update_status(
+    channel: &Channel,
+    caller: &Caller,
+    status: pb::Status,
+) -> Result<pb::UserPresence, tonic::Status> {
+    let reply = PresenceClient::new(channel.clone())
+        .update_status(caller.request(pb::UpdateStatusRequest {
+            status: status as i32,
+        }))
+        .await?;
+    Ok(reply
+        .into_inner()
+        .presence
+        .expect("UpdateStatus returns the presence"))
+}
+
+pub async fn stats(channel: &Channel) -> pb::GetStatsResponse {
+    PresenceClient::new(channel.clone())
+        .get_stats(service().request(pb::GetStatsRequest {}))
+        .await
+        .expect("a service may read the stats")
+        .into_inner()
+}
+
+/// Polls GetStats until `ready` holds, at most `within`.
+pub async fn wait_for_stats(
+    channel: &Channel,
+    what: &str,
+    within: Duration,
+    ready: impl Fn(&pb::GetStatsResponse) -> bool,
+) -> pb::GetStatsResponse {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = stats(channel).await;
+        if ready(&stats) {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}; stats: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The health of one service name; NOT_FOUND (never reported) comes back as an error.
+pub async fn health(channel: &Channel, name: &str) -> Result<ServingStatus, tonic::Status> {
+    let reply = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: name.to_string(),
+        })
+        .await?;
+    Ok(reply.into_inner().status())
+}
+
+/// Polls the health of `name` until it is `want`, at most `within`; returns how long it took.
+pub async fn wait_for_health(
+    channel: &Channel,
+    name: &str,
+    want: ServingStatus,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = health(channel, name).await;
+        if now.as_ref().is_ok_and(|s| *s == want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "health of {name:?} is not {want:?} within {within:?}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database, read behind the server's back
+// ---------------------------------------------------------------------------------------------
+
+pub async fn open_store(url: &str) -> Arc<dyn Store> {
+    store::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("the test database {url} opens: {e}"))
+}
+
+/// The stored row of one user, if any.
+pub async fn row(store: &Arc<dyn Store>, user: u64) -> Option<PresenceRow> {
+    store
+        .load_presence(&[uid(user)])
+        .await
+        .expect("rows load")
+        .into_iter()
+        .next()
+}
+
+/// Polls the user's row until `ready` holds, at most `within`.
+pub async fn wait_for_row(
+    store: &Arc<dyn Store>,
+    user: u64,
+    what: &str,
+    within: Duration,
+    ready: impl Fn(&PresenceRow) -> bool,
+) -> PresenceRow {
+    let deadline = Instant::now() + within;
+    loop {
+        let row = row(store, user).await;
+        if let Some(row) = row.filter(&ready) {
+            return row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for the row of user {user} to show {what}: {:?}",
+            self::row(store, user).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values
+// ---------------------------------------------------------------------------------------------
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as i64
+}
+
+/// last_seen in milliseconds, if set.
+pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
+    p.last_seen
+        .as_ref()
+        .map(|ts| ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000)
+}
+
+pub fn hello(device: &str) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Hello(pb::Hello {
+            device: device.to_string(),
+        })),
+    }
+}
+
+pub fn status_message(status: pb::Status) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::UpdateStatus(
+            pb::UpdateStatusRequest {
+                status: status as i32,
+            },
+        )),
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `samples`, nearest rank.
+pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    assert!(!samples.is_empty(), "a percentile of no samples");
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receivers
+// ---------------------------------------------------------------------------------------------
+
+/// What a device or watcher stream yields after its first message.
+#[derive(Debug)]
+pub enum Incoming {
+    Presence(pb::UserPresence),
+    /// An answer to a ping (no test here pings; kept so a pong is never taken for an update).
+    Pong,
+    /// Anything else, described.
+    Other(String),
+}
+
+type IncomingStream = Pin<Box<dyn Stream<Item = Result<Incoming, tonic::Status>> + Send>>;
+
+/// The receiving end of a device or a watcher.
+pub struct Inbox {
+    /// Names the receiver in failure messages.
+    name: String,
+    stream: IncomingStream,
+}
+
+impl Inbox {
+    /// The next presence update, within `within`. Panics on anything else.
+    pub async fn next_update(&mut self, within: Duration) -> pb::UserPresence {
+        match tokio::time::timeout(within, self.stream.next()).await {
+            Err(_) => panic!("{}: no update within {within:?}", self.name),
+            Ok(Some(Ok(Incoming::Presence(p)))) => p,
+            Ok(Some(Ok(Incoming::Other(what)))) => {
+                panic!("{}: expected an update, got {what}", self.name)
+            }
+            Ok(other) => panic!("{}: expected an update, got {other:?}", self.name),
+        }
+    }
+
+    /// The next update of `user`, skipping other users' updates, within `within`.
+    pub async fn next_update_of(&mut self, user: u64, within: Duration) -> pb::UserPresence {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let p = self.next_update(left).await;
+            if p.user_id == user {
+                return p;
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives within `within`.
+    pub async fn expect_nothing(&mut self, within: Duration, why: &str) {
+        if let Ok(item) = tokio::time::timeout(within, self.stream.next()).await {
+            panic!("{}: expected nothing ({why}), got {item:?}", self.name);
+        }
+    }
+
+    /// Everything that arrived so far without waiting (updates only; panics on an end).
+    pub fn drain(&mut self) -> Vec<pb::UserPresence> {
+        let mut out = Vec::new();
+        while let Some(item) = futures::FutureExt::now_or_never(self.stream.next()) {
+            match item {
+                Some(Ok(Incoming::Presence(p))) => out.push(p),
+                Some(Ok(Incoming::Pong)) => {}
+                other => panic!("{}: expected updates, got {other:?}", self.name),
+            }
+        }
+        out
+    }
+
+    /// Skips updates until the stream ends; returns the status it ended with (None for a
+    /// clean end). Panics if it does not end within `within`.
+    pub async fn ended_within(&mut self, within: Duration) -> Option<tonic::Status> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => panic!("{}: the stream did not end within {within:?}", self.name),
+                Ok(None) => return None,
+                Ok(Some(Err(status))) => return Some(status),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
+
+/// One device: a live Authenticate stream.
+pub struct Device {
+    pub welcome: pb::Welcome,
+    /// Feeds the client side of the stream; the stream stays open as long as this does.
+    tx: mpsc::Sender<pb::ClientMessage>,
+    inbox: Inbox,
+}
+
+impl Device {
+    /// Opens a device stream on `channel` (hello, then the welcome, within [`WAIT`]); the
+    /// server's refusal comes back as the error.
+    pub async fn connect(channel: &Channel, caller: &Caller) -> Result<Device, tonic::Status> {
+        Self::connect_within(channel, caller, WAIT).await
+    }
+
+    /// Like [`Device::connect`], with a given bound on the welcome.
+    pub async fn connect_within(
+        channel: &Channel,
+        caller: &Caller,
+        within: Duration,
+    ) -> Result<Device, tonic::Status> {
+        let opening = async {
+            let (tx, rx) = mpsc::channel(16);
+            tx.send(hello("phone"))
+                .await
+                .expect("the outbound queue has room");
+            let mut client = PresenceClient::new(channel.clone());
+            let mut stream = client
+                .authenticate(caller.request(ReceiverStream::new(rx)))
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((tx, stream, first))
+        };
+        let (tx, stream, first) = tokio::time::timeout(within, opening)
+            .await
+            .unwrap_or_else(|_| panic!("{caller:?}: no welcome (nor refusal) within {within:?}"))?;
+        let welcome = match first.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(w)) => w,
+            other => panic!("the first server message is a welcome, got {other:?}"),
+        };
+        let user = welcome.self_.map(|p| p.user_id).unwrap_or_default();
+        let stream = stream.map(|m| {
+            m.map(|m| match m.kind {
+                Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
+                Some(server_message::Kind::Pong(_)) => Incoming::Pong,
+                other => Incoming::Other(format!("{other:?}")),
+            })
+        });
+        Ok(Device {
+            welcome,
+            tx,
+            inbox: Inbox {
+                name: format!("device of user {user}"),
+                stream: Box::pin(stream),
+            },
+        })
+    }
+
+    /// The device's own presence, as the welcome gave it.
+    pub fn me(&self) -> pb::UserPresence {
+        self.welcome
+            .self_
+            .expect("the welcome has the caller's own presence")
+    }
+
+    pub async fn send(&self, message: pb::ClientMessage) {
+        self.tx
+            .send(message)
+            .await
+            .expect("the device stream is still open");
+    }
+}
+
+impl std::ops::Deref for Device {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl std::ops::DerefMut for Device {
+    fn deref_mut(&mut self) -> &mut Inbox {
+        &mut self.inbox
+    }
+}
+
+/// One WatchContacts stream.
+pub struct Watcher {
+    pub snapshot: Vec<pb::UserPresence>,
+    inbox: Inbox,
+}
+
+impl Watcher {
+    /// Watches the caller's contacts (`ids` empty) or, for a service, the listed users.
+    pub async fn open(channel: &Channel, caller: &Caller, ids: &[u64]) -> Watcher {
+        let mut client = PresenceClient::new(channel.clone());
+        let mut stream = tokio::time::timeout(
+            WAIT,
+            client.watch_contacts(caller.request(pb::WatchContactsRequest {
+                user_ids: ids.to_vec(),
+            })),
+        )
+        .await
+        .expect("WatchContacts answers within the wait")
+        .unwrap_or_else(|s| panic!("{caller:?} may watch {ids:?}: {s:?}"))
+        .into_inner();
+        let first = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the snapshot arrives within the wait")
+            .expect("the snapshot is not an error");
+        let snapshot = match first.and_then(|m| m.kind) {
+            Some(watch_contacts_response::Kind::Snapshot(s)) => s.users,
+            other => panic!("the first watch message is a snapshot, got {other:?}"),
+        };
+        let stream = stream.map(|m| {
+            m.map(|m| match m.kind {
+                Some(watch_contacts_response::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
+                other => Incoming::Other(format!("{other:?}")),
+            })
+        });
+        Watcher {
+            snapshot,
+            inbox: Inbox {
+                name: format!("watcher {caller:?}"),
+                stream: Box::pin(stream),
+            },
+        }
+    }
+}
+
+impl std::ops::Deref for Watcher {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl std::ops::DerefMut for Watcher {
+    fn deref_mut(&mut self) -> &mut Inbox {
+        &mut self.inbox
+    }
+}
+
+/// Asserts that a refusal is the admission refusal of a reconnect wave: UNAVAILABLE with a
+/// `grpc-retry-pushback-ms` hint. Returns the hint.
+pub fn pushback_of(status: &tonic::Status) -> Duration {
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "a refused stream is UNAVAILABLE, so clients retry: {status:?}"
+    );
+    let hint = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap_or_else(|| panic!("a refusal carries grpc-retry-pushback-ms: {status:?}"));
+    let ms: u64 = hint
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("grpc-retry-pushback-ms is a number of ms: {hint:?}"));
+    Duration::from_millis(ms)
+}
