@@ -99,6 +99,9 @@ pub(crate) struct Cluster {
     /// Set after the first registration: from then on a missing registration means we were
     /// declared dead.
     registered_once: AtomicBool,
+    /// Set when any Redis call failed: changes may have been applied with local rules, so the
+    /// next successful renewal restores this node's state in Redis.
+    needs_restore: AtomicBool,
 }
 
 /// The transition script. KEYS: user hash, this node's user set, the other node's user set (for
@@ -212,6 +215,7 @@ impl Cluster {
             up: AtomicBool::new(true),
             last_renewal: AtomicI64::new(now_millis()),
             registered_once: AtomicBool::new(false),
+            needs_restore: AtomicBool::new(false),
         })
     }
 
@@ -220,6 +224,9 @@ impl Cluster {
     }
 
     fn set_up(&self, up: bool) {
+        if !up {
+            self.needs_restore.store(true, Ordering::Relaxed);
+        }
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("redis is reachable again");
@@ -384,11 +391,11 @@ impl Cluster {
             .hset(self.nodes_key(), &self.node, now)
             .await
             .inspect_err(|_| self.set_up(false))?;
-        let was_down = !self.is_up();
         self.set_up(true);
         self.last_renewal.store(now, Ordering::Relaxed);
         let first = !self.registered_once.swap(true, Ordering::Relaxed);
-        Ok(!first && (!registered || was_down))
+        let failed_since = self.needs_restore.swap(false, Ordering::Relaxed);
+        Ok(!first && (!registered || failed_since))
     }
 
     /// Nodes whose lease expired, claimed by us: (node, its last renewal, its users).
