@@ -105,7 +105,8 @@ pub(crate) struct Cluster {
 }
 
 /// The transition script. KEYS: user hash, this node's user set, the other node's user set (for
-/// DropNode). ARGV: op, node, now, user id, channel, seed (c ls lo v ov po pl), arg1, arg2.
+/// DropNode). ARGV: op, node, now, user id, channel, seed (c ls lo v ov po pl), arg1, arg2, and
+/// this node's device count before the event (seeds the device count when Redis lost it).
 const TRANSITION: &str = r#"
 local h, nu = KEYS[1], KEYS[2]
 local op, node, now, uid, chan = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -113,6 +114,11 @@ local a1, a2 = ARGV[13], ARGV[14]
 if redis.call('EXISTS', h) == 0 then
   redis.call('HSET', h, 'c', ARGV[6], 'ls', ARGV[7], 'lo', ARGV[8], 'v', ARGV[9], 'ov', ARGV[10],
     'po', ARGV[11], 'pl', ARGV[12], 'pt', '', 'ps', '', 'pn', '')
+  -- This node's devices as they were before this event (Redis may have lost them).
+  if tonumber(ARGV[15]) > 0 then
+    redis.call('HSET', h, 'd:' .. node, ARGV[15])
+    redis.call('SADD', nu, uid)
+  end
 end
 local f = redis.call('HMGET', h, 'c', 'ls', 'lo', 'v', 'ov', 'po', 'pl', 'pt', 'ps', 'pn')
 local c, ls, lo, v, ov, po, pl, pt, ps, pn = f[1], f[2], f[3], tonumber(f[4]), tonumber(f[5]), f[6], f[7], f[8], f[9], f[10]
@@ -264,6 +270,7 @@ impl Cluster {
         op: &Op,
         seed: &PresenceRow,
         seed_offline: (Option<Millis>, u64),
+        seed_devices: u32,
     ) -> redis::RedisResult<SharedState> {
         let (name, a1, a2, other_node) = match op {
             Op::Connect => ("connect", String::new(), String::new(), None),
@@ -305,6 +312,7 @@ impl Cluster {
             .arg(seed.privacy.last_seen.as_str())
             .arg(a1)
             .arg(a2)
+            .arg(seed_devices)
             .invoke_async(&mut conn)
             .await;
         match result {

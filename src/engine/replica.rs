@@ -65,11 +65,21 @@ impl Engine {
                 Some(e) => (
                     e.row(user, self.shared.epoch),
                     (e.last_offline, e.offline_version),
+                    e.devices,
                 ),
                 None => return false,
             }
         };
-        match cluster.transition(user, &op, &seed.0, seed.1).await {
+        // The local count already includes this event; Redis gets the count from before it.
+        let devices_before = match op {
+            Op::Connect => seed.2.saturating_sub(1),
+            Op::Disconnect { .. } => seed.2 + 1,
+            _ => seed.2,
+        };
+        match cluster
+            .transition(user, &op, &seed.0, seed.1, devices_before)
+            .await
+        {
             Ok(state) => {
                 self.apply_shared(&state, true);
                 true
@@ -133,6 +143,8 @@ impl Engine {
                         "this node was declared dead or lost redis; restoring its devices"
                     );
                     self.restore_all().await;
+                    // And catch up on what other nodes published while we could not hear.
+                    self.resync().await;
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -237,9 +249,20 @@ impl Engine {
             );
         }
         for chunk in users.chunks(500) {
-            if let Ok(states) = cluster.load(chunk).await {
-                for s in states {
-                    self.apply_shared(&s, false);
+            // The first command after an outage may still fail (the connection manager reports
+            // its last reconnect error once): retry a little before giving up on this chunk.
+            for attempt in 0..10 {
+                match cluster.load(chunk).await {
+                    Ok(states) => {
+                        for s in states {
+                            self.apply_shared(&s, false);
+                        }
+                        break;
+                    }
+                    Err(e) if attempt == 9 => {
+                        tracing::warn!(error = %e, "could not resync from redis; the next renewal retries");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         }

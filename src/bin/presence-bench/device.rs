@@ -140,9 +140,10 @@ struct Device {
 struct View {
     user: u64,
     tracked: bool,
-    /// Contact ids from the welcome, ascending, and the last version seen of each.
-    contacts: Vec<u64>,
-    last: Vec<u64>,
+    /// (contact id, last version seen) for each contact in the welcome, ascending by id. One
+    /// vector of pairs rather than two vectors: a device hears from its contacts a few times a
+    /// second, so its state is cold and each cache line the lookup touches is a miss.
+    contacts: Vec<(u64, u64)>,
     own_last: u64,
 }
 
@@ -165,7 +166,10 @@ impl Device {
         let mut live = Some((first.requests, first.responses));
         loop {
             let step = match &mut live {
+                // Messages first: commands are rare, and polling their queue for every message
+                // would cost a cache miss each time.
                 Some((_, responses)) => tokio::select! {
+                    biased;
                     m = responses.message() => Step::Message(m),
                     c = commands.recv() => Step::Command(c),
                 },
@@ -256,8 +260,7 @@ impl View {
         View {
             user,
             tracked,
-            contacts: c.iter().map(|&(u, _)| u).collect(),
-            last: c.iter().map(|&(_, v)| v).collect(),
+            contacts: c,
             own_last: welcome.self_.as_ref().map_or(0, |p| p.version),
         }
     }
@@ -284,18 +287,18 @@ impl View {
             self.own_last = v;
             return None;
         }
-        let Ok(i) = self.contacts.binary_search(&u) else {
+        let Ok(i) = self.contacts.binary_search_by_key(&u, |&(id, _)| id) else {
             t.counters.unexpected += 1;
             return Some(format!("user {me}: update of user {u}, not a contact"));
         };
-        let last = self.last[i];
+        let last = self.contacts[i].1;
         if v <= last {
             t.counters.out_of_order += 1;
             return Some(format!(
                 "user {me}: contact {u} version {v} after version {last}"
             ));
         }
-        self.last[i] = v;
+        self.contacts[i].1 = v;
         let Some(c) = plan.and_then(|plan| plan.change(u, v)) else {
             t.counters.other_received += 1;
             return None;
@@ -328,8 +331,7 @@ impl View {
         let lost: u64 = self
             .contacts
             .iter()
-            .zip(&self.last)
-            .filter_map(|(&u, &last)| {
+            .filter_map(|&(u, last)| {
                 let (base, fin) = plan.versions(u)?;
                 Some(fin.saturating_sub(last.max(base)))
             })

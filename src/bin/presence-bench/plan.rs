@@ -86,13 +86,21 @@ pub struct Plan {
     pub schedule: Schedule,
     /// Churners in the order the timetable visits them.
     order: Vec<u64>,
-    /// By user id: position in `order`, or NOT_A_CHURNER.
-    position: Vec<u32>,
-    /// By user id: the version and status (cycle index) the user's welcome reported.
-    base: Vec<u64>,
-    base_status: Vec<u8>,
-    /// By user id: changes handed to the user's device. Written by the driver only.
-    sent: Vec<AtomicU32>,
+    /// By user id. One struct per user rather than a vector per field: a receiver looks up a
+    /// random user per delivery, and this way it costs one cache miss, not four.
+    users: Vec<PerUser>,
+}
+
+#[derive(Default)]
+struct PerUser {
+    /// The version the user's welcome reported.
+    base: u64,
+    /// Changes handed to the user's device. Written by the driver only.
+    sent: AtomicU32,
+    /// Position in `order`, or NOT_A_CHURNER.
+    position: u32,
+    /// The status the user's welcome reported, as a cycle index.
+    base_status: u8,
 }
 
 /// A churn change, as identified from a delivery.
@@ -112,23 +120,23 @@ impl Plan {
         max_user: u64,
         base: impl Fn(u64) -> (u64, i32),
     ) -> Plan {
-        let len = max_user as usize + 1;
-        let mut position = vec![NOT_A_CHURNER; len];
-        let mut base_version = vec![0; len];
-        let mut base_status = vec![0; len];
+        let mut users: Vec<PerUser> = (0..=max_user)
+            .map(|_| PerUser {
+                position: NOT_A_CHURNER,
+                ..PerUser::default()
+            })
+            .collect();
         for (p, &u) in churners.iter().enumerate() {
-            position[u as usize] = p as u32;
-            let (v, s) = base(u);
-            base_version[u as usize] = v;
-            base_status[u as usize] = cycle_index(s);
+            let (version, status) = base(u);
+            let e = &mut users[u as usize];
+            e.position = p as u32;
+            e.base = version;
+            e.base_status = cycle_index(status);
         }
         Plan {
             schedule,
             order: churners,
-            position,
-            base: base_version,
-            base_status,
-            sent: (0..len).map(|_| AtomicU32::new(0)).collect(),
+            users,
         }
     }
 
@@ -141,34 +149,37 @@ impl Plan {
         let m = self.order.len() as u64;
         let user = self.order[(i % m) as usize];
         let k = i / m;
-        self.sent[user as usize].fetch_add(1, Ordering::Relaxed);
+        self.users[user as usize]
+            .sent
+            .fetch_add(1, Ordering::Relaxed);
         (user, self.status_of(user, k))
     }
 
     fn status_of(&self, user: u64, k: u64) -> pb::Status {
-        let start = self.base_status[user as usize] as u64;
+        let start = self.users[user as usize].base_status as u64;
         CYCLE[((start + k + 1) % CYCLE.len() as u64) as usize]
     }
 
-    fn position(&self, user: u64) -> Option<u64> {
-        match self.position.get(user as usize) {
-            Some(&p) if p != NOT_A_CHURNER => Some(p as u64),
-            _ => None,
-        }
+    fn churner(&self, user: u64) -> Option<&PerUser> {
+        self.users
+            .get(user as usize)
+            .filter(|e| e.position != NOT_A_CHURNER)
     }
 
     /// The churn change a delivery of `(user, version)` carries, if it is one.
     pub fn change(&self, user: u64, version: u64) -> Option<Change> {
-        let p = self.position(user)?;
-        let base = self.base[user as usize];
+        let e = self.churner(user)?;
+        let base = e.base;
         // Above the changes sent, the version moved for another reason (the user's device
         // leaving at the end of the run).
-        if version <= base || version > base + self.sent(user) {
+        if version <= base || version > base + e.sent.load(Ordering::Relaxed) as u64 {
             return None;
         }
         let k = version - base - 1;
         Some(Change {
-            scheduled: self.schedule.at(k * self.order.len() as u64 + p),
+            scheduled: self
+                .schedule
+                .at(k * self.order.len() as u64 + e.position as u64),
             status: self.status_of(user, k) as i32,
             base,
         })
@@ -176,19 +187,15 @@ impl Plan {
 
     /// For a churner: (base version, version after every change sent so far).
     pub fn versions(&self, user: u64) -> Option<(u64, u64)> {
-        self.position(user)?;
-        let base = self.base[user as usize];
-        Some((
-            base,
-            base + self.sent[user as usize].load(Ordering::Relaxed) as u64,
-        ))
+        let e = self.churner(user)?;
+        Some((e.base, e.base + e.sent.load(Ordering::Relaxed) as u64))
     }
 
     /// Changes sent of `user`.
     pub fn sent(&self, user: u64) -> u64 {
-        self.sent
+        self.users
             .get(user as usize)
-            .map_or(0, |s| s.load(Ordering::Relaxed) as u64)
+            .map_or(0, |e| e.sent.load(Ordering::Relaxed) as u64)
     }
 }
 

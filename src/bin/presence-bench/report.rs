@@ -129,6 +129,11 @@ pub struct PhaseFigures {
     pub server_deliveries_per_s: f64,
     pub server_process: Option<ProcFigures>,
     pub bench_process: Option<ProcFigures>,
+    /// CPU cores the whole machine used during the phase (of 2 here).
+    pub machine_cores: Option<f64>,
+    /// What processes other than the server and the bench took (needs --server-pid to be
+    /// exact): figures measured next to a busy neighbour are not clean.
+    pub other_processes_cores: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -371,6 +376,17 @@ impl Report {
                     );
                 }
             }
+        }
+        if let Some(ph) = &self.phase
+            && let Some(m) = ph.machine_cores
+        {
+            row(
+                "machine",
+                format!(
+                    "{m:.2} cores busy, of which other processes {}",
+                    opt(ph.other_processes_cores, 2)
+                ),
+            );
         }
         let k = &self.checks;
         row(

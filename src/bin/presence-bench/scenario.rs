@@ -23,7 +23,7 @@ use crate::report::{
     ChurnFigures, ConnectFigures, FlapFigures, Params, PhaseFigures, QueryFigures, Report,
     thousands,
 };
-use crate::sysinfo::{Sample, Watched, cores_between};
+use crate::sysinfo::{Sample, Watched, cores_between, machine_cores, machine_ticks};
 
 /// How long after the last scheduled change a receipt may still arrive before it counts as lost.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -61,6 +61,7 @@ struct Bench {
 /// The start of a measured phase.
 struct Phase {
     started: Instant,
+    machine: Option<(u64, u64)>,
     stats: ServerStats,
     server: Option<Sample>,
     me: Option<Sample>,
@@ -219,6 +220,7 @@ impl Bench {
             stats: ServerStats::read(&self.pool, &self.auth).await?,
             server: self.server.as_ref().and_then(|w| w.start()),
             me: self.me.start(),
+            machine: machine_ticks(),
             started: Instant::now(),
         })
     }
@@ -228,6 +230,12 @@ impl Bench {
         let after = ServerStats::read(&self.pool, &self.auth).await?;
         let delta = after.since(&phase.stats);
         let per_change = |x: u64| (delta.changes > 0).then(|| x as f64 / delta.changes as f64);
+        let server_process = self.server.as_ref().and_then(|w| w.finish(phase.server));
+        let bench_process = self.me.finish(phase.me);
+        let machine_cores = match (phase.machine, machine_ticks()) {
+            (Some(a), Some(b)) => Some(machine_cores(a, b, seconds)),
+            _ => None,
+        };
         Ok(PhaseFigures {
             seconds,
             server_before: phase.stats,
@@ -237,8 +245,14 @@ impl Bench {
             db_rows_per_change: per_change(delta.db_rows),
             deliveries_per_change: per_change(delta.deliveries),
             server_deliveries_per_s: delta.deliveries as f64 / seconds.max(1e-9),
-            server_process: self.server.as_ref().and_then(|w| w.finish(phase.server)),
-            bench_process: self.me.finish(phase.me),
+            machine_cores,
+            other_processes_cores: machine_cores.map(|m| {
+                let mine = server_process.map_or(0.0, |p| p.cpu_cores)
+                    + bench_process.map_or(0.0, |p| p.cpu_cores);
+                (m - mine).max(0.0)
+            }),
+            server_process,
+            bench_process,
         })
     }
 
@@ -252,6 +266,8 @@ impl Bench {
             tick.tick().await;
             let mut prev = recorder.counters();
             let mut prev_sample = server.as_ref().and_then(|w| w.latest());
+            let mut prev_machine = machine_ticks();
+            let mut prev_at = Instant::now();
             loop {
                 tick.tick().await;
                 let c = recorder.counters();
@@ -300,6 +316,14 @@ impl Bench {
                     }
                     prev_sample = s;
                 }
+                let machine = machine_ticks();
+                if let (Some(a), Some(b)) = (prev_machine, machine) {
+                    line += &format!(
+                        " | machine {:.2} cores",
+                        machine_cores(a, b, prev_at.elapsed().as_secs_f64())
+                    );
+                }
+                (prev_machine, prev_at) = (machine, Instant::now());
                 eprintln!("{line}");
                 prev = c;
             }

@@ -61,6 +61,27 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The whole machine's CPU time from /proc/stat: (busy, total), in clock ticks. Other processes
+/// (a build, say) share the two cores with the server and the bench; the report shows how much
+/// they took, since figures measured next to them are not clean.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Cores of CPU time between two `machine_ticks` readings, over `wall` seconds.
+pub fn machine_cores(a: (u64, u64), b: (u64, u64), wall: f64) -> f64 {
+    b.0.saturating_sub(a.0) as f64 / ticks_per_second() / wall.max(1e-9)
+}
+
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

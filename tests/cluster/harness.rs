@@ -1,0 +1,525 @@
+//! The processes of the cluster tests: Redis (the machine's, shared under a key prefix per
+//! test, or one the test owns so it can stop it) and `presence serve` nodes joined into one
+//! cluster through it. Everything a test starts is killed when it is dropped, and the test's
+//! keys are deleted, even when the test fails.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a test waits for something it expects (an update, a welcome, an answer).
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The node lease of every test node, in seconds: small, so a dead node is noticed quickly.
+pub const LEASE_TTL_S: u64 = 2;
+
+/// The machine's Redis, unless `PRESENCE_TEST_REDIS_URL` names another (`.ci/run` sets it).
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// The cluster tests measure detection and convergence times on a 2-core machine, with three
+/// server processes each: they take turns, so one test's nodes do not slow another's down.
+static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds the machine for one test; see [`EXCLUSIVE`].
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    EXCLUSIVE.lock().await
+}
+
+/// Under CI a missing Redis fails the tests; on a developer machine it skips them.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Either fails (CI) or says why the test is skipped and returns None.
+fn unavailable<T>(what: &str) -> Option<T> {
+    if in_ci() {
+        panic!("{what}; CI=true, so the cluster tests fail instead of skipping");
+    }
+    eprintln!("skipping this cluster test: {what} (CI=true makes this a failure)");
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------------
+
+fn redis_connection(url: &str) -> redis::RedisResult<redis::Connection> {
+    let conn = redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(1))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    Ok(conn)
+}
+
+fn ping(url: &str) -> redis::RedisResult<()> {
+    let mut conn = redis_connection(url)?;
+    redis::cmd("PING").query::<String>(&mut conn).map(|_| ())
+}
+
+/// The shared Redis the tests use under their own key prefix, or None (skip) when it does not
+/// answer outside CI.
+pub fn shared_redis() -> Option<String> {
+    let url = std::env::var("PRESENCE_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.into());
+    match ping(&url) {
+        Ok(()) => Some(url),
+        Err(e) => unavailable(&format!(
+            "no Redis answers at {url} ({e}); start one or set PRESENCE_TEST_REDIS_URL"
+        )),
+    }
+}
+
+/// A key prefix no other test or run uses: every key and channel of a test's nodes lives
+/// under it.
+fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    format!(
+        "ptest-{}-{}-{:08x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    )
+}
+
+/// A port nobody listens on right now (the kernel's pick for port 0).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("the kernel hands out a free loopback port")
+        .port()
+}
+
+/// A `redis-server` of the test's own, on a free port, with nothing persisted: it can be
+/// stopped and restarted (empty) without touching the machine's Redis.
+pub struct OwnRedis {
+    /// Kept across a restart: the nodes reconnect to the same address.
+    port: u16,
+    /// None while stopped.
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    /// Starts one, or None (skip) outside CI when `redis-server` cannot run.
+    pub async fn start() -> Option<OwnRedis> {
+        for _ in 0..3 {
+            let mut redis = OwnRedis {
+                port: free_port(),
+                child: None,
+            };
+            match redis.spawn() {
+                Err(e) => {
+                    return unavailable(&format!("redis-server does not start ({e})"));
+                }
+                Ok(()) if redis.wait_ready(WAIT).await => return Some(redis),
+                // Someone took the port between our probe and redis-server's bind: try another.
+                Ok(()) => redis.stop(),
+            }
+        }
+        panic!("redis-server did not come up on any of three free ports")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Polls PING until it answers; false if the process exited or `within` passed.
+    async fn wait_ready(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if ping(&self.url()).is_ok() {
+                return true;
+            }
+            if let Some(child) = &mut self.child
+                && !matches!(child.try_wait(), Ok(None))
+            {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// kill -9: the nodes lose Redis at once, and everything it held is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty; waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart only a stopped redis-server");
+        self.spawn()
+            .expect("redis-server started once, so it starts again");
+        assert!(
+            self.wait_ready(WAIT).await,
+            "redis-server did not come back on port {} within {WAIT:?}",
+            self.port
+        );
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------------------------
+
+/// One `presence serve` process.
+pub struct Node {
+    /// "A", "B"…: names the node in messages.
+    pub name: String,
+    /// The process, killed (and reaped) on drop.
+    child: Child,
+    /// Where it listens: the port it picked, read from its `listening on` line.
+    pub addr: SocketAddr,
+    /// One HTTP/2 connection, shared by every client of this node in a test.
+    pub channel: Channel,
+    /// Everything the process wrote on stderr (its logs), shown when a test fails.
+    log: Arc<Mutex<String>>,
+}
+
+impl Node {
+    fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t")
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped (we reap only in kill9
+        // and Drop, which take &mut self).
+        let sent = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(sent, 0, "signal {signal} can be sent to node {}", self.name);
+    }
+
+    /// kill -9: no clean shutdown, no deregistration; only the lease can tell.
+    pub fn kill9(&mut self) {
+        self.child
+            .kill()
+            .expect("SIGKILL can be sent to our own child");
+        self.child.wait().expect("the killed child can be reaped");
+    }
+
+    /// SIGSTOP: the process freezes (a long stall), its sockets stay open.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: the frozen process runs again.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// The node's id in the cluster (a new one per process), from its start-up log line.
+    pub async fn cluster_id(&self) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if let Some(id) = log
+                .lines()
+                .find(|l| l.contains("cluster mode"))
+                .and_then(|l| l.split("node=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                return id.to_string();
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "node {} logged no cluster id within {WAIT:?}; log:\n{log}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .expect("the log lock is never poisoned")
+            .clone()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // SIGKILL also ends a stopped process.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Nodes sharing one Redis under one key prefix, each on its own SQLite file.
+pub struct Cluster {
+    /// The Redis every node shares.
+    pub redis_url: String,
+    /// Every key and channel of this cluster starts with it; deleted on drop.
+    pub prefix: String,
+    /// Holds the nodes' SQLite files (`nodeN.db`), kept across a node's restart.
+    dir: TempDir,
+    pub nodes: Vec<Node>,
+    /// Extra environment of every node (after the defaults).
+    env: Vec<(String, String)>,
+}
+
+/// The nodes' log filter: `TEST_NODE_LOG` (e.g. `presence=debug`), else `info`. Their logs
+/// are printed when a test fails.
+fn node_log_filter() -> String {
+    std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into())
+}
+
+const NAMES: [&str; 4] = ["A", "B", "C", "D"];
+
+impl Cluster {
+    /// `count` nodes on `redis_url`, each started and listening.
+    pub async fn start(redis_url: &str, count: usize) -> Cluster {
+        Self::start_with(redis_url, count, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra environment for every node.
+    pub async fn start_with(redis_url: &str, count: usize, env: &[(&str, &str)]) -> Cluster {
+        let mut cluster = Cluster {
+            redis_url: redis_url.to_string(),
+            prefix: unique_prefix(),
+            dir: tempfile::tempdir().expect("a temporary directory for the nodes' databases"),
+            nodes: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        for i in 0..count {
+            let node = cluster.spawn(i, &[]).await;
+            cluster.nodes.push(node);
+        }
+        cluster
+    }
+
+    /// Replaces node `i` (which must be dead) with a new process on the same database.
+    pub async fn restart(&mut self, i: usize) {
+        let node = self.spawn(i, &[]).await;
+        self.nodes[i] = node;
+    }
+
+    /// Starts node `i` with `extra` environment on top of the cluster's.
+    pub async fn spawn(&self, i: usize, extra: &[(&str, &str)]) -> Node {
+        let name = NAMES[i].to_string();
+        let db = self.dir.path().join(format!("node{i}.db"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        // The test's own environment must not leak settings into the nodes.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("PRESENCE_")
+                || ["DATABASE_URL", "REDIS_URL", "RUST_LOG"].contains(&key.as_ref())
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let ttl = LEASE_TTL_S.to_string();
+        command
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("REDIS_URL", &self.redis_url)
+            .env("PRESENCE_REDIS_PREFIX", &self.prefix)
+            .env("PRESENCE_NODE_LEASE_TTL_S", &ttl)
+            .env("PRESENCE_OFFLINE_GRACE_MS", "0")
+            .env("PRESENCE_METRICS_LISTEN", "")
+            // The fan-out test changes one status 20 times in a few seconds.
+            .env("PRESENCE_RATE_STATUS_PER_MIN", "1000")
+            .env("PRESENCE_SHUTDOWN_DEADLINE_S", "2")
+            .env("RUST_LOG", node_log_filter())
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the presence binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (addr_tx, addr_rx) = oneshot::channel();
+        // Plain threads: reading a pipe blocks, and both pipes must be drained so the node
+        // never blocks on a full one.
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ")
+                    && let Ok(addr) = addr.trim().parse::<SocketAddr>()
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().expect("the log lock is never poisoned");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx).await;
+        let Ok(Ok(addr)) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "node {name} printed no `listening on` line within 20 s; stderr:\n{}",
+                log.lock().expect("the log lock is never poisoned")
+            );
+        };
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a valid URI")
+            .connect_timeout(WAIT)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("node {name} at {addr} accepts connections: {e}"));
+        Node {
+            name,
+            child,
+            addr,
+            channel,
+            log,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.prefix)
+    }
+
+    /// The node registrations in Redis (`{prefix}:nodes`): node id → its last lease renewal.
+    /// The tests read Redis only to know when something has happened inside the cluster that
+    /// no RPC shows (a registration claimed, a device count gone), never to decide an outcome.
+    pub fn registrations(&self) -> HashMap<String, i64> {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        redis::cmd("HGETALL")
+            .arg(self.key("nodes"))
+            .query(&mut conn)
+            .expect("HGETALL of the registrations")
+    }
+
+    /// How many nodes hold devices of `user`, per Redis (`d:NODE` fields of its hash).
+    pub fn device_nodes(&self, user: u64) -> usize {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        let hash: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key(&format!("u:{user}")))
+            .query(&mut conn)
+            .expect("HGETALL of a user's shared presence");
+        hash.keys().filter(|k| k.starts_with("d:")).count()
+    }
+
+    /// Whether Redis holds a shared presence of `user` (its hash exists).
+    pub fn user_known(&self, user: u64) -> bool {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        redis::cmd("EXISTS")
+            .arg(self.key(&format!("u:{user}")))
+            .query(&mut conn)
+            .expect("EXISTS of a user's shared presence")
+    }
+
+    /// How many connections listen to the change channel: one per node that is subscribed.
+    pub fn subscribers(&self) -> usize {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        let (_, count): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(self.key("changes"))
+            .query(&mut conn)
+            .expect("PUBSUB NUMSUB of the change channel");
+        count
+    }
+
+    /// Polls `what` until it holds, at most `within`; returns how long it took.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        mut ready: impl FnMut(&Cluster) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        while !ready(self) {
+            assert!(
+                started.elapsed() < within,
+                "timed out after {within:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        started.elapsed()
+    }
+
+    /// Deletes every key under the test's prefix (best effort: Redis may be gone).
+    fn delete_keys(&self) {
+        let Ok(mut conn) = redis_connection(&self.redis_url) else {
+            return;
+        };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(200).collect();
+                eprintln!(
+                    "--- node {} ({}), last lines of its log ---",
+                    node.name, node.addr
+                );
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        // Kill first, so no node writes keys again after they are deleted.
+        self.nodes.clear();
+        self.delete_keys();
+    }
+}
