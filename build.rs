@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("presence_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Small per-stream buffers: see src/grpc/codec.rs.
+        .codec_path("crate::grpc::codec::CompactCodec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -108,6 +108,11 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_MAX_PENDING_SETUPS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pending_setups: u64,
 
+    /// Deliveries are released to the network in batches this often, in microseconds (0: at
+    /// once). Batching lets one HTTP/2 connection write many updates in one system call.
+    #[arg(long, env = "PRESENCE_DELIVERY_BATCH_US", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub delivery_batch_us: u64,
+
     /// Redis URL: set it to run several nodes as one cluster (unset: a single node, no Redis).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
@@ -210,6 +215,7 @@ impl Settings {
             queue_capacity: self.queue_capacity as usize,
             max_devices: self.max_devices,
             max_pending_setups: self.max_pending_setups as usize,
+            delivery_batch: Duration::from_micros(self.delivery_batch_us),
             cluster: self
                 .redis_url
                 .as_ref()

@@ -52,6 +52,9 @@ pub struct EngineConfig {
     /// Most streams being set up at once (each may read the store); more are refused with a
     /// retry hint instead of queueing without bound, so a mass reconnect is paced.
     pub max_pending_setups: usize,
+    /// Deliveries are released to the network in batches this often (zero: at once); see
+    /// [`subscriber::WakeBatcher`].
+    pub delivery_batch: Duration,
     /// Cluster mode through Redis; None runs a single node.
     pub cluster: Option<cluster::ClusterConfig>,
 }
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             max_devices: 10,
             shards: 64,
             max_pending_setups: 512,
+            delivery_batch: Duration::from_micros(5000),
             cluster: None,
         }
     }
@@ -163,6 +167,8 @@ struct Shared {
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// Set in cluster mode.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Set when deliveries are batched.
+    batcher: Option<Arc<subscriber::WakeBatcher>>,
 }
 
 #[derive(Default)]
@@ -328,6 +334,8 @@ impl Engine {
             .map(|_| Mutex::new(Shard::default()))
             .collect();
         let (stop_flusher, stop_rx) = watch::channel(false);
+        let batcher = (!config.delivery_batch.is_zero())
+            .then(|| subscriber::WakeBatcher::start(config.delivery_batch));
         let cluster = match &config.cluster {
             None => None,
             Some(c) => Some(Arc::new(connect_cluster(c).await)),
@@ -349,6 +357,7 @@ impl Engine {
                 setups: Arc::new(tokio::sync::Semaphore::new(setups)),
                 flusher: Mutex::new(None),
                 cluster,
+                batcher,
             }),
         };
         let handle = tokio::spawn(flusher::run(engine.clone(), stop_rx));
@@ -562,6 +571,7 @@ impl Engine {
             id,
             Default::default(),
             self.shared.config.queue_capacity,
+            self.shared.batcher.clone(),
         ));
         self.shared
             .subscribers
@@ -808,6 +818,8 @@ impl Engine {
             }
         });
         if last {
+            // Its last device gone, the entry may be idle once written: let the flusher see it.
+            self.shard(user).idle.push(user);
             self.shared
                 .counters
                 .online_users

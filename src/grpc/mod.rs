@@ -1,6 +1,7 @@
 //! The gRPC adapter: proto ⇄ domain conversion, the identity interceptor, abuse limits, and the
 //! one mapping of errors to statuses. It stays thin: every decision about presence is the
 //! engine's.
+pub mod codec;
 mod contacts;
 mod convert;
 mod error;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -17,8 +17,12 @@ use crate::client::{Auth, Pool};
 use crate::plan::Plan;
 use crate::recorder::{Hist, Recorder, Tally};
 
-/// How long opening a stream may take before it counts as failed.
+/// How long one attempt to open a stream may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a device keeps retrying an UNAVAILABLE server before giving up.
+const RETRY_LIMIT: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 /// What the drivers ask of a device.
 #[derive(Debug)]
@@ -83,9 +87,32 @@ struct Opened {
     took: Duration,
 }
 
-/// Opens `user`'s Authenticate stream and waits for its welcome.
+/// Opens `user`'s Authenticate stream and waits for its welcome. UNAVAILABLE (the server
+/// shedding a reconnect wave, asking to retry) is retried with jittered exponential backoff, as
+/// a device would, for up to RETRY_LIMIT; the time to welcome counts from the first attempt.
 async fn open(shared: &Shared, user: u64) -> anyhow::Result<Opened> {
     let started = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let attempt = tokio::time::timeout(OPEN_TIMEOUT, attempt(shared, user, started)).await;
+        let err = match attempt {
+            Ok(Ok(opened)) => return Ok(opened),
+            Ok(Err(e)) => e,
+            Err(_) => anyhow!("no welcome within {OPEN_TIMEOUT:?}"),
+        };
+        let retry = err
+            .downcast_ref::<tonic::Status>()
+            .is_some_and(|s| s.code() == tonic::Code::Unavailable);
+        if !retry || started.elapsed() + backoff > RETRY_LIMIT {
+            return Err(err.context(format!("Authenticate as user {user}")));
+        }
+        shared.recorder.with(|t| t.counters.open_retries += 1);
+        tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>())).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn attempt(shared: &Shared, user: u64, started: Instant) -> anyhow::Result<Opened> {
     let (requests, rx) = mpsc::unbounded_channel();
     requests
         .send(pb::ClientMessage {
@@ -96,33 +123,30 @@ async fn open(shared: &Shared, user: u64) -> anyhow::Result<Opened> {
         .expect("the receiver is alive: it is right here");
     let mut req = Request::new(UnboundedReceiverStream::new(rx));
     shared.auth.as_user(&mut req, user)?;
-    let call = async {
-        let mut responses = shared
-            .pool
-            .presence(user)
-            .authenticate(req)
-            .await
-            .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
-            .into_inner();
-        let first = responses
-            .message()
-            .await
-            .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?;
-        match first.and_then(|m| m.kind) {
-            Some(server_message::Kind::Welcome(welcome)) => Ok(Opened {
-                requests,
-                responses,
-                welcome,
-                took: started.elapsed(),
-            }),
-            Some(other) => Err(anyhow!("expected a welcome first, got {other:?}")),
-            None => Err(anyhow!("the stream ended before its welcome")),
-        }
-    };
-    tokio::time::timeout(OPEN_TIMEOUT, call)
+    let mut responses = shared
+        .pool
+        .presence(user)
+        .authenticate(req)
         .await
-        .map_err(|_| anyhow!("no welcome within {OPEN_TIMEOUT:?}"))?
-        .with_context(|| format!("Authenticate as user {user}"))
+        .map_err(status_error)?
+        .into_inner();
+    let first = responses.message().await.map_err(status_error)?;
+    match first.and_then(|m| m.kind) {
+        Some(server_message::Kind::Welcome(welcome)) => Ok(Opened {
+            requests,
+            responses,
+            welcome,
+            took: started.elapsed(),
+        }),
+        Some(other) => Err(anyhow!("expected a welcome first, got {other:?}")),
+        None => Err(anyhow!("the stream ended before its welcome")),
+    }
+}
+
+/// Keeps the status (for the retry decision) with a readable message.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let text = format!("{}: {}", s.code(), s.message());
+    anyhow::Error::new(s).context(text)
 }
 
 /// One device's receiving side.

@@ -28,6 +28,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// The same allocator as the server, so the bench's own cost stays low and comparable.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for the presence service (loopback targets only).
 ///
 /// Start the server with limits fit for a bench, for example:

@@ -50,6 +50,8 @@ counters! {
     reconnect_errors,
     /// Flaps asked of devices.
     flaps,
+    /// Authenticate attempts refused with UNAVAILABLE and retried after a backoff.
+    open_retries,
     /// Status changes handed to device streams.
     changes_sent,
     /// Churn changes received by a tracked contact (each is one matched delivery).

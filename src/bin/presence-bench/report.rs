@@ -50,7 +50,9 @@ pub struct ConnectFigures {
     pub errors: u64,
     pub seconds: f64,
     pub connects_per_s: f64,
-    /// Authenticate call to welcome.
+    /// Attempts refused with UNAVAILABLE (the server shedding load) and retried.
+    pub retries: u64,
+    /// Authenticate call (first attempt) to welcome.
     pub welcome: Quantiles,
     /// (server RSS once all streams are idle - RSS before) / streams, in KiB.
     pub server_rss_per_stream_kib: Option<f64>,
@@ -86,6 +88,8 @@ pub struct FlapFigures {
     pub flaps: u64,
     pub reconnects: u64,
     pub errors: u64,
+    /// Attempts refused with UNAVAILABLE and retried.
+    pub retries: u64,
     pub seconds: f64,
     pub connects_per_s: f64,
     /// The new Authenticate call to its welcome (the old stream is dropped just before).
@@ -131,8 +135,9 @@ pub struct PhaseFigures {
     pub bench_process: Option<ProcFigures>,
     /// CPU cores the whole machine used during the phase (of 2 here).
     pub machine_cores: Option<f64>,
-    /// What processes other than the server and the bench took (needs --server-pid to be
-    /// exact): figures measured next to a busy neighbour are not clean.
+    /// CPU not charged to the server or the bench (needs --server-pid): other processes, and
+    /// the kernel's loopback networking (softirq) when the cores are not saturated. A large
+    /// value with a build or test running alongside means the figures are not clean.
     pub other_processes_cores: Option<f64>,
 }
 
@@ -242,11 +247,12 @@ impl Report {
             row(
                 "connect",
                 format!(
-                    "{} streams in {:.2} s = {}/s, {} errors",
+                    "{} streams in {:.2} s = {}/s, {} errors, {} retries",
                     thousands(c.streams),
                     c.seconds,
                     rate(c.connects_per_s),
-                    c.errors
+                    c.errors,
+                    c.retries
                 ),
             );
             row("  time to welcome", c.welcome.line());
@@ -284,13 +290,14 @@ impl Report {
             row(
                 "flap",
                 format!(
-                    "target {}/s: {} flaps, {} reconnects in {:.1} s = {}/s, {} errors",
+                    "target {}/s: {} flaps, {} reconnects in {:.1} s = {}/s, {} errors, {} retries",
                     thousands(f.target_rate),
                     thousands(f.flaps),
                     thousands(f.reconnects),
                     f.seconds,
                     rate(f.connects_per_s),
-                    f.errors
+                    f.errors,
+                    f.retries
                 ),
             );
             row("  reconnect to welcome", f.reconnect.line());
@@ -383,7 +390,7 @@ impl Report {
             row(
                 "machine",
                 format!(
-                    "{m:.2} cores busy, of which other processes {}",
+                    "{m:.2} cores busy, of which not server or bench {}",
                     opt(ph.other_processes_cores, 2)
                 ),
             );

@@ -172,6 +172,7 @@ impl Bench {
             errors: k.connect_errors,
             seconds,
             connects_per_s: k.connects as f64 / seconds.max(1e-9),
+            retries: k.open_retries,
             welcome: self.recorder.quantiles(Hist::Welcome),
             server_rss_per_stream_kib: None,
         });
@@ -351,7 +352,7 @@ impl Bench {
     }
 
     /// Sends every change of the plan on its timetable; returns when the last was sent.
-    async fn drive_churn(&self, fleet: &Fleet) {
+    async fn drive_churn(&self, fleet: &Fleet) -> Instant {
         let plan = self.shared.plan.get().expect("install_plan runs first");
         let recorder = &self.recorder;
         plan.schedule
@@ -367,14 +368,16 @@ impl Bench {
                 });
             })
             .await;
+        Instant::now()
     }
 
     /// Waits until every receipt the graph implies is in (received or superseded), at most
     /// DRAIN_LIMIT; returns the churn figures but for `lost`, known once devices close.
-    async fn drain_churn(&self, tracked: impl Fn(u64) -> bool) -> ChurnFigures {
+    /// `sent` is when the driver sent the last change.
+    async fn drain_churn(&self, sent: Instant, tracked: impl Fn(u64) -> bool) -> ChurnFigures {
         let plan = self.shared.plan.get().expect("install_plan runs first");
         let last_scheduled = plan.schedule.at(plan.schedule.total.saturating_sub(1));
-        let sending = Instant::now().duration_since(plan.schedule.t0);
+        let sending = sent.duration_since(plan.schedule.t0);
         let expected: u64 = plan
             .churners()
             .iter()
@@ -459,6 +462,7 @@ impl Bench {
             flaps,
             reconnects,
             errors: c.reconnect_errors - since.reconnect_errors,
+            retries: c.open_retries - since.open_retries,
             seconds,
             connects_per_s: reconnects as f64 / seconds,
             reconnect: self.recorder.quantiles(Hist::Reconnect),
@@ -697,8 +701,8 @@ pub async fn churn(common: &Common, rate: u64) -> anyhow::Result<Report> {
     b.install_plan(rate, churners)?;
     let figures = {
         let _p = b.progress("churn");
-        b.drive_churn(&fleet).await;
-        b.drain_churn(|_| true).await
+        let sent = b.drive_churn(&fleet).await;
+        b.drain_churn(sent, |_| true).await
     };
     b.report.churn = Some(figures);
     b.report.phase = Some(b.end(phase).await?);
@@ -773,12 +777,12 @@ pub async fn mixed(common: &Common, rate: u64, ids: usize) -> anyhow::Result<Rep
     let queries = Schedule::new(t0, derived(MIXED_QUERIES_PER_CHANGE), duration);
     let churn = {
         let _p = b.progress("mixed");
-        let ((), (), ()) = tokio::join!(
+        let (sent, (), ()) = tokio::join!(
             b.drive_churn(&fleet),
             b.drive_flaps(&fleet, flaps, &flappers),
             b.query_open_loop(queries, ids),
         );
-        b.drain_churn(|u| !flapper(u)).await
+        b.drain_churn(sent, |u| !flapper(u)).await
     };
     let query_seconds = schedule_seconds(&queries);
     let ph = b.end(phase).await?;
