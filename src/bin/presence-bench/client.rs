@@ -44,6 +44,23 @@ pub fn loopback_target(target: &str) -> anyhow::Result<SocketAddr> {
     Ok(first)
 }
 
+/// `--target` may list several nodes of a cluster, comma-separated; each must be loopback.
+pub fn loopback_targets(targets: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    targets
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(loopback_target)
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                bail!("--target names no address")
+            } else {
+                Ok(v)
+            }
+        })
+}
+
 /// Who the bench is on each call.
 #[derive(Clone)]
 pub enum Auth {
@@ -124,9 +141,23 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Opens `n` connections (each a tonic `Channel` is one HTTP/2 connection).
-    pub async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Pool> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    /// Opens `n` connections (each a tonic `Channel` is one HTTP/2 connection), connection `i`
+    /// to node `i % nodes` when several are given (a cluster behind a balancer).
+    pub async fn connect(addrs: &[SocketAddr], n: usize) -> anyhow::Result<Pool> {
+        let mut channels = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let addr = addrs[i % addrs.len()];
+            let ch = Self::endpoint(addr)?
+                .connect()
+                .await
+                .with_context(|| format!("connecting HTTP/2 connection {} to {addr}", i + 1))?;
+            channels.push(ch);
+        }
+        Ok(Pool { channels })
+    }
+
+    fn endpoint(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(format!("http://{addr}"))
             .context("a socket address is a valid URI authority")?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
@@ -134,16 +165,7 @@ impl Pool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let mut channels = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
-            let ch = endpoint
-                .connect()
-                .await
-                .with_context(|| format!("connecting HTTP/2 connection {} to {addr}", i + 1))?;
-            channels.push(ch);
-        }
-        Ok(Pool { channels })
+            .keep_alive_timeout(Duration::from_secs(20)))
     }
 
     pub fn len(&self) -> usize {

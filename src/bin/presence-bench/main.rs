@@ -108,7 +108,8 @@ enum Scenario {
 /// Options every scenario takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// The server; refused unless it is a loopback address.
+    /// The server, or several nodes of a cluster comma-separated (connections are spread over
+    /// them; server-side counters are read from the first); refused unless loopback.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub target: String,
     /// Users in the contact graph: ids 1..=N.

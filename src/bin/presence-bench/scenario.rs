@@ -14,7 +14,7 @@ use tonic::Request;
 use presence::pb;
 
 use crate::Common;
-use crate::client::{Auth, Pool, ServerStats, loopback_target};
+use crate::client::{Auth, Pool, ServerStats, loopback_targets};
 use crate::device::{Cmd, Fleet, Shared};
 use crate::graph::{self, Ring, SetupMode};
 use crate::plan::{Plan, Schedule};
@@ -69,7 +69,7 @@ struct Phase {
 
 impl Bench {
     async fn new(common: &Common, scenario: &'static str) -> anyhow::Result<Bench> {
-        let addr = loopback_target(&common.target)?;
+        let addrs = loopback_targets(&common.target)?;
         let ring = Ring::new(common.users, common.contacts)?;
         if common.online > common.users {
             bail!(
@@ -95,7 +95,7 @@ impl Bench {
             }
             None => None,
         };
-        let pool = Pool::connect(addr, conns).await?;
+        let pool = Pool::connect(&addrs, conns).await?;
         let auth = Auth::new(common.token_secret.clone())?;
         let recorder = Arc::new(Recorder::default());
         let shared = Arc::new(Shared::new(
@@ -107,7 +107,11 @@ impl Bench {
         let report = Report {
             scenario,
             params: Params {
-                target: addr.to_string(),
+                target: addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 users: common.users,
                 online: common.online,
                 contacts: ring.degree(),
