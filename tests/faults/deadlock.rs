@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use presence::pb;
-use sqlx::{AssertSqlSafe, Connection, Executor};
 
 use crate::harness::{
     Device, TestServer, exclusive, open_store, presence_as_service, test_settings, uid,
@@ -26,7 +25,7 @@ const CHURN: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_flushing_the_same_users_on_mysql_never_fail_and_converge() {
-    let Some(database) = MySqlDatabase::for_test().await else {
+    let Some(database) = mysql_for_test().await else {
         return;
     };
     let _machine = exclusive().await;
@@ -154,94 +153,28 @@ async fn two_servers_flushing_the_same_users_on_mysql_never_fail_and_converge() 
     b.stop_within(Duration::from_secs(15)).await;
 }
 
-/// A uniquely named database, dropped (best effort) when this value is, even after a failed
-/// assertion.
-struct MySqlDatabase {
-    admin_url: String,
-    name: String,
-}
+#[path = "../common/mysql_db.rs"]
+mod mysql_db;
+use mysql_db::MySqlDatabase;
 
-impl MySqlDatabase {
-    /// The test's database, or None when MySQL tests are skipped here (no URL, not in CI).
-    async fn for_test() -> Option<MySqlDatabase> {
-        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        let admin_url = match std::env::var(MYSQL_URL_VAR) {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ if in_ci => panic!(
-                "{MYSQL_URL_VAR} is not set but CI=true: the MySQL fault test may not be \
-                 skipped in CI"
-            ),
-            _ => {
-                // Past libtest's capture, so the skip is seen without --nocapture.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: the MySQL deadlock test passes without running; set \
-                     {MYSQL_URL_VAR}=mysql://root@127.0.0.1:3306/test to run it"
-                );
-                return None;
-            }
-        };
-        let name = format!(
-            "presence_faults_{}_{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
-        let mut admin = sqlx::MySqlConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("MySQL at ${MYSQL_URL_VAR} is unreachable: {e}"));
-        // The name is made of [a-z0-9_] above, so it is safe to splice into the statement.
-        admin
-            .execute(AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
-            .await
-            .unwrap_or_else(|e| panic!("the test user may create database {name}: {e}"));
-        admin.close().await.ok();
-        Some(MySqlDatabase { admin_url, name })
-    }
-
-    /// The admin URL with its database replaced by this one.
-    fn url(&self) -> String {
-        let (base, params) = match self.admin_url.split_once('?') {
-            Some((base, params)) => (base, Some(params)),
-            None => (self.admin_url.as_str(), None),
-        };
-        let authority = base.find("://").map_or(0, |i| i + 3);
-        let path = base[authority..]
-            .find('/')
-            .map_or(base.len(), |i| authority + i);
-        let mut url = format!("{}/{}", &base[..path], self.name);
-        if let Some(params) = params {
-            url.push('?');
-            url.push_str(params);
+/// The test's database, or None when MySQL tests are skipped here (no URL, not in CI).
+async fn mysql_for_test() -> Option<MySqlDatabase> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let admin_url = match std::env::var(MYSQL_URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ if in_ci => panic!(
+            "{MYSQL_URL_VAR} is not set but CI=true: the MySQL fault test may not be \
+             skipped in CI"
+        ),
+        _ => {
+            // Past libtest's capture, so the skip is seen without --nocapture.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: the MySQL deadlock test passes without running; set \
+                 {MYSQL_URL_VAR}=mysql://root@127.0.0.1:3306/test to run it"
+            );
+            return None;
         }
-        url
-    }
-}
-
-impl Drop for MySqlDatabase {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let statement = format!("DROP DATABASE IF EXISTS `{}`", self.name);
-        // Drop cannot await, and runs inside the test's runtime: use a thread of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let mut admin = sqlx::MySqlConnection::connect(&admin_url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                admin
-                    .execute(AssertSqlSafe(statement))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                admin.close().await.ok();
-                Ok::<_, String>(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) | Err(e) = dropped.map_err(|_| "panicked".to_string()) {
-            eprintln!("could not drop test database {}: {e}", self.name);
-        }
-    }
+    };
+    Some(MySqlDatabase::create(admin_url).await)
 }
