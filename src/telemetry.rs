@@ -52,7 +52,11 @@ pub async fn sample_engine(
         metrics::gauge!("presence_watchers").set(s.watchers as f64);
         metrics::gauge!("presence_write_behind_dirty_users").set(s.dirty_users as f64);
         metrics::gauge!("presence_store_up").set(if engine.store_ok() { 1.0 } else { 0.0 });
-        metrics::gauge!("presence_redis_up").set(if engine.cluster_ok() { 1.0 } else { 0.0 });
+        // Only a node of a cluster has a Redis to be up or down: a single node's 1 would
+        // tell an alert on this metric that a Redis exists.
+        if engine.is_clustered() {
+            metrics::gauge!("presence_redis_up").set(if engine.cluster_ok() { 1.0 } else { 0.0 });
+        }
         metrics::counter!("presence_changes_total").absolute(s.changes);
         metrics::counter!("presence_deliveries_total").absolute(s.deliveries);
         metrics::counter!("presence_coalesced_total").absolute(s.coalesced);

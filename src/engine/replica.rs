@@ -305,6 +305,11 @@ impl Engine {
         }
     }
 
+    /// Whether this node runs in cluster mode (REDIS_URL set).
+    pub fn is_clustered(&self) -> bool {
+        self.shared.cluster.is_some()
+    }
+
     /// Whether Redis answers (always true on a single node).
     pub fn cluster_ok(&self) -> bool {
         self.shared.cluster.as_ref().is_none_or(|c| c.is_up())

@@ -9,7 +9,7 @@ use presence::telemetry::CLUSTER_HEALTH;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::clients::{
-    Device, add_contacts, converge, presence_on, set_status, status_of, wait_for_health,
+    Device, add_contacts, converge, metric, presence_on, set_status, status_of, wait_for_health,
     wait_for_metric,
 };
 use crate::harness::{Cluster, OwnRedis, WAIT, exclusive, free_port};
@@ -234,5 +234,32 @@ async fn a_status_change_just_after_redis_returns_keeps_a_connected_user_online(
         (status_of(&now[0]), now[0].connected),
         (asked, Some(true)),
         "node A answers X connected and {asked:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_single_node_exports_no_redis_gauge() {
+    let _turn = exclusive().await;
+    let Some(redis) = OwnRedis::start().await else {
+        return;
+    };
+    let cluster = Cluster::start(&redis.url(), 0).await;
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let _single = cluster
+        .spawn(
+            0,
+            &[
+                ("REDIS_URL", ""),
+                ("PRESENCE_METRICS_LISTEN", &metrics_addr),
+            ],
+        )
+        .await;
+    // The sampler publishes every gauge in one pass: once the store's is there, so would be
+    // Redis's.
+    wait_for_metric(&metrics_addr, "presence_store_up", 1.0, WAIT).await;
+    assert_eq!(
+        metric(&metrics_addr, "presence_redis_up").await,
+        None,
+        "a node without REDIS_URL has no Redis to report as up or down"
     );
 }
