@@ -7,6 +7,7 @@ FROM rust:1.88-bookworm AS builder
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY .cargo ./.cargo
 COPY proto ./proto
 RUN mkdir -p src/bin \
     && echo 'fn main() {}' > src/main.rs \

@@ -121,10 +121,15 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     telemetry::init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // A task woken by a running task normally runs right after it (the LIFO slot). Under
+    // fan-out that made every HTTP/2 connection task run, and write, after each one of its
+    // streams queued a frame: one writev per delivery, whatever the wake-up batching. Without
+    // the slot, the connection tasks run after the batch's streams and write theirs together.
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -1,6 +1,8 @@
 //! Simulated devices: one Authenticate stream per online user, each read by its own task that
 //! checks every presence_updated it gets (order, and for churn changes, latency, status and
 //! gaps), and obeys commands from the drivers (change status, flap).
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,6 +25,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 const RETRY_LIMIT: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// The nonce of the ping that ends a steady device: the server answers a ping in order with
+/// the updates queued before it, so its pong means the device has seen all of them.
+const CLOSE_NONCE: u64 = u64::MAX;
 
 /// What the drivers ask of a device.
 #[derive(Debug)]
@@ -49,6 +54,9 @@ struct Own {
     connected: AtomicBool,
     version: AtomicU64,
     status: AtomicI32,
+    /// The request stream of a steady device (one that never flaps): the driver sends its
+    /// status changes there directly.
+    requests: OnceLock<mpsc::UnboundedSender<pb::ClientMessage>>,
 }
 
 impl Shared {
@@ -164,10 +172,11 @@ struct Device {
 struct View {
     user: u64,
     tracked: bool,
-    /// (contact id, last version seen) for each contact in the welcome, ascending by id. One
-    /// vector of pairs rather than two vectors: a device hears from its contacts a few times a
-    /// second, so its state is cold and each cache line the lookup touches is a miss.
-    contacts: Vec<(u64, u64)>,
+    /// Contact id -> last version seen, for each contact in the welcome. A hash map, not a
+    /// sorted vector: a device hears from its contacts a few times a second, so its state is
+    /// cold and each cache line a lookup touches is a miss (a binary search touched about six,
+    /// and was 13% of the bench's CPU under churn; a lookup here touches about two).
+    contacts: IdMap,
     own_last: u64,
 }
 
@@ -186,7 +195,36 @@ impl Device {
         }
     }
 
-    async fn run(mut self, first: Opened, mut commands: mpsc::UnboundedReceiver<Cmd>) {
+    /// Reads the device's stream until it ends or the bench closes it, then accounts for what
+    /// never arrived. A device without a command queue is steady: it never flaps, and the
+    /// driver sends its statuses on its request stream itself.
+    async fn run(mut self, first: Opened, commands: Option<mpsc::UnboundedReceiver<Cmd>>) {
+        match commands {
+            Some(commands) => self.run_commanded(first, commands).await,
+            None => self.run_steady(first.responses).await,
+        }
+        self.view.finish(&self.shared);
+    }
+
+    /// Only the responses are read: a second queue polled after every message cost a cache
+    /// miss per delivery. The pong of the closing ping ends it.
+    async fn run_steady(&mut self, mut responses: Streaming<pb::ServerMessage>) {
+        loop {
+            match responses.message().await {
+                Ok(Some(m)) => {
+                    if self.on_message(m) {
+                        return;
+                    }
+                }
+                Ok(None) => return self.failed("the server ended the stream"),
+                Err(s) => {
+                    return self.failed(format_args!("stream error {}: {}", s.code(), s.message()));
+                }
+            }
+        }
+    }
+
+    async fn run_commanded(&mut self, first: Opened, mut commands: mpsc::UnboundedReceiver<Cmd>) {
         let mut live = Some((first.requests, first.responses));
         loop {
             let step = match &mut live {
@@ -200,7 +238,9 @@ impl Device {
                 None => Step::Command(commands.recv().await),
             };
             match step {
-                Step::Message(Ok(Some(m))) => self.on_message(m),
+                Step::Message(Ok(Some(m))) => {
+                    self.on_message(m);
+                }
                 Step::Message(Ok(None)) => {
                     self.failed("the server ended the stream");
                     live = None;
@@ -211,14 +251,9 @@ impl Device {
                 }
                 Step::Command(None) => break,
                 Step::Command(Some(Cmd::Status(status))) => {
-                    let msg = pb::ClientMessage {
-                        kind: Some(client_message::Kind::UpdateStatus(
-                            pb::UpdateStatusRequest {
-                                status: status as i32,
-                            },
-                        )),
-                    };
-                    let sent = live.as_ref().is_some_and(|(tx, _)| tx.send(msg).is_ok());
+                    let sent = live
+                        .as_ref()
+                        .is_some_and(|(tx, _)| tx.send(status_message(status)).is_ok());
                     if !sent {
                         self.shared.recorder.with(|t| t.counters.dead_commands += 1);
                     }
@@ -245,7 +280,6 @@ impl Device {
                 }
             }
         }
-        self.view.finish(&self.shared);
     }
 
     fn failed(&self, why: impl std::fmt::Display) {
@@ -255,9 +289,12 @@ impl Device {
             .error(format!("user {}: {why}", self.user));
     }
 
-    fn on_message(&mut self, m: pb::ServerMessage) {
-        let Some(server_message::Kind::PresenceUpdated(p)) = m.kind else {
-            return;
+    /// Checks one message; returns true for the pong that closes a steady device.
+    fn on_message(&mut self, m: pb::ServerMessage) -> bool {
+        let p = match m.kind {
+            Some(server_message::Kind::PresenceUpdated(p)) => p,
+            Some(server_message::Kind::Pong(pong)) => return pong.nonce == CLOSE_NONCE,
+            _ => return false,
         };
         let now = Instant::now();
         let plan = self.shared.plan.get();
@@ -269,22 +306,54 @@ impl Device {
         if let Some(what) = problem {
             self.shared.recorder.error(what);
         }
+        false
     }
 }
+
+fn status_message(status: pb::Status) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::UpdateStatus(
+            pb::UpdateStatusRequest {
+                status: status as i32,
+            },
+        )),
+    }
+}
+
+/// Hashes a user id by one multiplication: ids are small integers, and std's SipHash cost more
+/// than the lookup it serves.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
 
 impl View {
     /// What a welcome lists is what this stream has seen so far.
     fn new(user: u64, tracked: bool, welcome: &pb::Welcome) -> View {
-        let mut c: Vec<(u64, u64)> = welcome
-            .contacts
-            .iter()
-            .map(|p| (p.user_id, p.version))
-            .collect();
-        c.sort_unstable();
         View {
             user,
             tracked,
-            contacts: c,
+            contacts: welcome
+                .contacts
+                .iter()
+                .map(|p| (p.user_id, p.version))
+                .collect(),
             own_last: welcome.self_.as_ref().map_or(0, |p| p.version),
         }
     }
@@ -311,18 +380,18 @@ impl View {
             self.own_last = v;
             return None;
         }
-        let Ok(i) = self.contacts.binary_search_by_key(&u, |&(id, _)| id) else {
+        let Some(seen) = self.contacts.get_mut(&u) else {
             t.counters.unexpected += 1;
             return Some(format!("user {me}: update of user {u}, not a contact"));
         };
-        let last = self.contacts[i].1;
+        let last = *seen;
         if v <= last {
             t.counters.out_of_order += 1;
             return Some(format!(
                 "user {me}: contact {u} version {v} after version {last}"
             ));
         }
-        self.contacts[i].1 = v;
+        *seen = v;
         let Some(c) = plan.and_then(|plan| plan.change(u, v)) else {
             t.counters.other_received += 1;
             return None;
@@ -355,7 +424,7 @@ impl View {
         let lost: u64 = self
             .contacts
             .iter()
-            .filter_map(|&(u, last)| {
+            .filter_map(|(&u, &last)| {
                 let (base, fin) = plan.versions(u)?;
                 Some(fin.saturating_sub(last.max(base)))
             })
@@ -369,7 +438,8 @@ impl View {
 /// The devices of a run, addressable by user id.
 pub struct Fleet {
     shared: Arc<Shared>,
-    /// By user id: the command queue of the user's device task.
+    /// By user id: the command queue of the user's device task, for devices that may flap
+    /// (steady devices have none, see [`Device::run`]).
     commands: Vec<Option<mpsc::UnboundedSender<Cmd>>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -385,6 +455,7 @@ impl Fleet {
 
     /// Connects one device per user, `concurrency` opens at a time, and returns once every open
     /// has succeeded or failed. Each device then lives in its own task until [`Fleet::close`].
+    /// Tracked devices are steady (they never flap); the others take commands.
     pub async fn connect(
         &mut self,
         users: impl IntoIterator<Item = u64>,
@@ -398,10 +469,15 @@ impl Fleet {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.commands[user as usize] = Some(tx);
             let shared = self.shared.clone();
             let tracked = tracked(user);
+            let rx = if tracked {
+                None
+            } else {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.commands[user as usize] = Some(tx);
+                Some(rx)
+            };
             self.tasks.push(tokio::spawn(async move {
                 // The permit is held until the outcome is recorded: `connect` returns once all
                 // permits are back, and then reads the counts.
@@ -413,6 +489,9 @@ impl Fleet {
                             .store(own.map_or(0, |p| p.version), Ordering::Release);
                         me.status
                             .store(own.map_or(0, |p| p.status), Ordering::Release);
+                        if tracked {
+                            let _ = me.requests.set(o.requests.clone());
+                        }
                         me.connected.store(true, Ordering::Release);
                         shared.recorder.with(|t| {
                             t.counters.connects += 1;
@@ -437,17 +516,36 @@ impl Fleet {
             .expect("the semaphore is never closed");
     }
 
-    /// Queues a command for `user`'s device; false when it has none.
+    /// Queues a command for `user`'s device (a steady device's status goes straight onto its
+    /// stream); false when it has none.
     pub fn send(&self, user: u64, cmd: Cmd) -> bool {
+        if let Cmd::Status(status) = cmd
+            && let Some(tx) = self.steady(user)
+        {
+            return tx.send(status_message(status)).is_ok();
+        }
         self.commands
             .get(user as usize)
             .and_then(Option::as_ref)
             .is_some_and(|tx| tx.send(cmd).is_ok())
     }
 
+    fn steady(&self, user: u64) -> Option<&mpsc::UnboundedSender<pb::ClientMessage>> {
+        self.shared.own.get(user as usize)?.requests.get()
+    }
+
     /// Ends every device (each first accounts for what it never received), and waits for them.
+    /// A steady device ends on the pong of a closing ping, which comes after every update the
+    /// server queued for it before.
     pub async fn close(mut self) {
         self.commands.clear();
+        for own in &self.shared.own {
+            if let Some(tx) = own.requests.get() {
+                let _ = tx.send(pb::ClientMessage {
+                    kind: Some(client_message::Kind::Ping(pb::Ping { nonce: CLOSE_NONCE })),
+                });
+            }
+        }
         let all = futures::future::join_all(self.tasks.drain(..));
         if tokio::time::timeout(Duration::from_secs(30), all)
             .await
