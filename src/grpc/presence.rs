@@ -56,6 +56,15 @@ fn viewer_of(id: &Identity) -> Viewer {
     }
 }
 
+/// Tells the streams of one HTTP/2 connection apart from other connections' (by the peer's
+/// address), so their deliveries are released together; 0 when the transport has no address.
+fn wake_group<T>(req: &Request<T>) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    req.remote_addr().map_or(0, |a| {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(a)
+    })
+}
+
 fn end_status(reason: &EndReason) -> Status {
     match reason {
         EndReason::Shutdown => {
@@ -77,6 +86,7 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<Self::AuthenticateStream>, Status> {
         let id = identity(&req)?;
         let user = acting_user(&id, "Authenticate")?;
+        let group = wake_group(&req);
         let mut inbound = req.into_inner();
         let hello = tokio::time::timeout(self.limits.hello_timeout, inbound.message())
             .await
@@ -125,6 +135,7 @@ impl pb::presence_server::Presence for PresenceService {
             })),
         };
         let sub = session.stream.subscriber().clone();
+        sub.set_wake_group(group);
         let inbound_task = InboundTask {
             engine: self.engine.clone(),
             rates: self.rates.clone(),
@@ -209,6 +220,7 @@ impl pb::presence_server::Presence for PresenceService {
             .watch(viewer, &ids)
             .await
             .map_err(ApiError::from)?;
+        stream.subscriber().set_wake_group(wake_group(&req));
         let first = pb::WatchContactsResponse {
             kind: Some(pb::watch_contacts_response::Kind::Snapshot(pb::Snapshot {
                 users: snapshot.iter().map(presence_to_proto).collect(),
