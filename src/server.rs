@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tower::Layer;
 
 use crate::auth::Verifier;
 use crate::engine::Engine;
 use crate::grpc::limits::RateLimits;
-use crate::grpc::{ContactsService, ObserveLayer, PresenceService, identity_interceptor};
+use crate::grpc::{ContactsService, IdentityLayer, ObserveLayer, PresenceService};
 use crate::pb;
 use crate::settings::Settings;
 use crate::store::{self, Store};
@@ -167,8 +167,8 @@ impl Application {
             health.clone(),
         ));
         let max_message = settings.max_message_bytes as usize;
-        let interceptor = identity_interceptor(verifier);
-        let presence = InterceptedService::new(
+        let identified = IdentityLayer::new(verifier);
+        let presence = identified.layer(
             pb::presence_server::PresenceServer::new(PresenceService::new(
                 engine.clone(),
                 settings.request_limits(),
@@ -176,16 +176,14 @@ impl Application {
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-            interceptor.clone(),
         );
-        let contacts = InterceptedService::new(
+        let contacts = identified.layer(
             pb::contacts_server::ContactsServer::new(ContactsService::new(
                 engine.clone(),
                 settings.request_limits(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-            interceptor,
         );
         let (keepalive_interval, keepalive_timeout) = settings.keepalive();
         let connections = Connections::default();

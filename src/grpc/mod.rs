@@ -1,4 +1,4 @@
-//! The gRPC adapter: proto ⇄ domain conversion, the identity interceptor, abuse limits, and the
+//! The gRPC adapter: proto ⇄ domain conversion, the identity layer, abuse limits, and the
 //! one mapping of errors to statuses. It stays thin: every decision about presence is the
 //! engine's.
 pub mod codec;
@@ -10,7 +10,10 @@ mod observe;
 mod presence;
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures::future::{Either, Ready, ready};
+use tonic::server::NamedService;
 use tonic::{Request, Status};
 
 use crate::auth::{AuthError, Identity, Verifier};
@@ -31,27 +34,82 @@ pub struct RequestLimits {
     pub hello_timeout: std::time::Duration,
 }
 
-/// Builds the interceptor that verifies every call's credentials and puts the [`Identity`] in
-/// the request's extensions. Rejections happen here, before any handler or state change.
-pub fn identity_interceptor(
+/// Verifies every call's credentials and puts the [`Identity`] in the request's extensions.
+/// Rejections happen here, before any handler or state change.
+///
+/// A tower layer rather than a tonic interceptor: an interceptor also wraps the response body
+/// (twice boxed), and under fan-out every delivery polls through each wrapper, a cache miss
+/// apiece (4% of the server's CPU under churn).
+#[derive(Clone)]
+pub struct IdentityLayer {
     verifier: Arc<Verifier>,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |mut req: Request<()>| {
-        let identity = {
-            let md = req.metadata();
-            verifier.verify(|name| md.get(name).and_then(|v| v.to_str().ok()))
-        }
-        .map_err(|e| match e {
-            AuthError::Unauthenticated(m) => Status::unauthenticated(m),
-            AuthError::Forbidden(m) => Status::permission_denied(m),
-        })?;
-        tracing::Span::current().record("caller", identity.describe());
-        req.extensions_mut().insert(identity);
-        Ok(req)
+}
+
+impl IdentityLayer {
+    pub fn new(verifier: Arc<Verifier>) -> Self {
+        IdentityLayer { verifier }
     }
 }
 
-/// The identity the interceptor verified.
+impl<S> tower::Layer<S> for IdentityLayer {
+    type Service = Identified<S>;
+
+    fn layer(&self, inner: S) -> Identified<S> {
+        Identified {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+/// A gRPC service behind [`IdentityLayer`].
+#[derive(Clone)]
+pub struct Identified<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+}
+
+impl<S: NamedService> NamedService for Identified<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Identified<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let verified = {
+            let headers = req.headers();
+            self.verifier
+                .verify(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        };
+        match verified {
+            Ok(identity) => {
+                tracing::Span::current().record("caller", identity.describe());
+                req.extensions_mut().insert(identity);
+                Either::Right(self.inner.call(req))
+            }
+            Err(e) => {
+                let status = match e {
+                    AuthError::Unauthenticated(m) => Status::unauthenticated(m),
+                    AuthError::Forbidden(m) => Status::permission_denied(m),
+                };
+                Either::Left(ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+/// The identity [`IdentityLayer`] verified.
 fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
     req.extensions()
         .get::<Identity>()

@@ -55,7 +55,7 @@ where
             code = tracing::field::Empty
         );
         let started = Instant::now();
-        // Entered while the inner service is called, so the identity interceptor (which runs
+        // Entered while the inner service is called, so the identity layer (which runs
         // synchronously in `call`) can record the caller on this span.
         let fut = {
             let _entered = span.enter();
