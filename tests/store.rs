@@ -598,6 +598,42 @@ async fn list_contacts_pages_upwards_from_the_cursor(store: Arc<dyn Store>) {
     );
 }
 
+async fn contacts_of_many_reads_every_listed_user_across_statements(store: Arc<dyn Store>) {
+    // User u (1..=1200) is linked to u + 5000: 1,200 listed users take three statements.
+    let pairs: Vec<_> = (1..=1200).map(|u| (user(u), user(u + 5000))).collect();
+    for chunk in pairs.chunks(MAX_ROWS_PER_STATEMENT) {
+        store
+            .add_contacts(chunk)
+            .await
+            .expect("adding contacts works");
+    }
+    store
+        .add_contacts(&[(user(7), user(9000))])
+        .await
+        .expect("adding contacts works");
+    let mut listed: Vec<UserId> = (1..=1200).rev().map(user).collect();
+    listed.push(user(999_999));
+    let got = store
+        .contacts_of_many(&listed)
+        .await
+        .expect("contacts_of_many works");
+    let mut want: Vec<(UserId, UserId)> = (1..=1200).map(|u| (user(u), user(u + 5000))).collect();
+    want.push((user(7), user(9000)));
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "every pair of every listed user, ascending, and none of users not listed (5001.., 9000)"
+    );
+    assert!(
+        store
+            .contacts_of_many(&[])
+            .await
+            .expect("an empty list works")
+            .is_empty(),
+        "no users, no pairs"
+    );
+}
+
 async fn empty_batches_are_accepted(store: Arc<dyn Store>) {
     store
         .upsert_presence_batch(&[])
@@ -767,6 +803,7 @@ store_suite!(
     adding_contacts_twice_changes_nothing,
     removing_contacts_removes_both_directions,
     list_contacts_pages_upwards_from_the_cursor,
+    contacts_of_many_reads_every_listed_user_across_statements,
     empty_batches_are_accepted,
     concurrent_overlapping_upserts_do_not_fail,
 );

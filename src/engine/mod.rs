@@ -10,6 +10,7 @@
 //! two shard locks at once.
 pub mod cluster;
 mod flusher;
+mod reads;
 mod replica;
 mod subscriber;
 pub mod view;
@@ -169,6 +170,8 @@ struct Shared {
     cluster: Option<Arc<cluster::Cluster>>,
     /// Set when deliveries are batched.
     batcher: Option<Arc<subscriber::WakeBatcher>>,
+    /// Loads of rows and contact lists, merged while a query runs.
+    reads: reads::Reads,
 }
 
 #[derive(Default)]
@@ -340,6 +343,7 @@ impl Engine {
             None => None,
             Some(c) => Some(Arc::new(connect_cluster(c).await)),
         };
+        let reads = reads::Reads::start(store.clone());
         let engine = Engine {
             shared: Arc::new(Shared {
                 shards,
@@ -358,6 +362,7 @@ impl Engine {
                 flusher: Mutex::new(None),
                 cluster,
                 batcher,
+                reads,
             }),
         };
         let handle = tokio::spawn(flusher::run(engine.clone(), stop_rx));
@@ -440,12 +445,10 @@ impl Engine {
                 .map(|s| (s.user, Self::entry_from_shared(s)))
                 .collect();
             let rows = if from_store.is_empty() {
-                Vec::new()
+                Arc::default()
             } else {
-                self.shared.store.load_presence(&from_store).await?
+                self.shared.reads.presence(&from_store).await?
             };
-            let rows: HashMap<UserId, PresenceRow> =
-                rows.into_iter().map(|r| (r.user_id, r)).collect();
             let mut shared = shared;
             let mut stale = false;
             for u in missing {
@@ -561,8 +564,7 @@ impl Engine {
         {
             return Ok(c);
         }
-        let list = self.shared.store.contacts_of(user).await?;
-        Ok(Arc::new(list.into_iter().collect()))
+        Ok(self.shared.reads.contacts(user).await?)
     }
 
     fn new_subscriber(&self) -> Arc<Subscriber> {
@@ -707,6 +709,11 @@ impl Engine {
         Err(EngineError::Closed)
     }
 
+    /// The id a device's welcome names its connection by, unique across runs and nodes.
+    pub fn connection_id(&self, sub: &Subscriber) -> String {
+        format!("{}-{}", self.shared.instance, sub.id())
+    }
+
     /// Connects a device of `user`: the user is online from now until the returned stream is
     /// dropped.
     pub async fn connect_device(&self, user: UserId) -> Result<DeviceSession> {
@@ -723,7 +730,7 @@ impl Engine {
         let contacts = self.attach(&sub, &ids, |_| Relation::Contact).await?;
         Ok(DeviceSession {
             welcome: Welcome {
-                connection_id: format!("{}-{}", self.shared.instance, sub.id()),
+                connection_id: self.connection_id(&sub),
                 self_view,
                 contacts,
             },

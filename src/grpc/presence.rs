@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::domain::{UserId, Viewer};
@@ -120,13 +119,14 @@ impl pb::presence_server::Presence for PresenceService {
             .await
             .map_err(ApiError::from)?;
         let welcome = &session.welcome;
-        let span = tracing::info_span!(
-            "device",
+        // No span lives as long as the device: one costs about 1.5 KiB for the whole
+        // connection, and a device's task logs rarely; its few events name the device instead.
+        tracing::debug!(
             user_id = %user,
             connection_id = %welcome.connection_id,
             device = %device,
+            "device connected"
         );
-        span.in_scope(|| tracing::debug!("device connected"));
         let first = pb::ServerMessage {
             kind: Some(ServerKind::Welcome(pb::Welcome {
                 connection_id: welcome.connection_id.clone(),
@@ -143,7 +143,7 @@ impl pb::presence_server::Presence for PresenceService {
             user,
             expires_at: id.expires_at,
         };
-        tokio::spawn(inbound_task.run(inbound).instrument(span));
+        tokio::spawn(inbound_task.run(inbound));
         let updates = session.stream.map(|event| match event {
             Event::Presence(v) => Ok(pb::ServerMessage {
                 kind: Some(ServerKind::PresenceUpdated(presence_to_proto(&v))),
@@ -322,7 +322,12 @@ impl InboundTask {
                 msg = inbound.message(), if open => match msg {
                     Ok(Some(m)) => {
                         if let Err(reason) = self.handle(m).await {
-                            tracing::info!(?reason, "ending a device stream on a bad message");
+                            tracing::info!(
+                                user_id = %self.user,
+                                connection_id = %self.engine.connection_id(&self.sub),
+                                ?reason,
+                                "ending a device stream on a bad message"
+                            );
                             self.sub.end(reason);
                             return;
                         }
@@ -332,7 +337,11 @@ impl InboundTask {
                 },
                 _ = self.sub.ended() => return,
                 _ = &mut expiry => {
-                    tracing::info!("token expired; ending the device stream");
+                    tracing::info!(
+                        user_id = %self.user,
+                        connection_id = %self.engine.connection_id(&self.sub),
+                        "token expired; ending the device stream"
+                    );
                     self.sub.end(EndReason::Expired);
                     return;
                 }
@@ -358,7 +367,12 @@ impl InboundTask {
                 if let Err(e) = self.engine.update_status(self.user, status).await {
                     // A store failure must not end the device: the status is kept in memory
                     // whenever the entry is there; report and carry on.
-                    tracing::warn!(error = %e, "update_status on a device stream failed");
+                    tracing::warn!(
+                        user_id = %self.user,
+                        connection_id = %self.engine.connection_id(&self.sub),
+                        error = %e,
+                        "update_status on a device stream failed"
+                    );
                 }
                 Ok(())
             }

@@ -143,7 +143,14 @@ pub trait Store: Send + Sync + 'static {
     async fn checkpoint_online(&self, users: &[UserId], at: Millis) -> Result<()>;
 
     /// All contacts of a user, ascending.
-    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>>;
+    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>> {
+        let pairs = self.contacts_of_many(&[user]).await?;
+        Ok(pairs.into_iter().map(|(_, contact)| contact).collect())
+    }
+
+    /// The contacts of several users (any number, in any order: read in statements of at most
+    /// [`MAX_ROWS_PER_STATEMENT`] users), as (user, contact) pairs ascending.
+    async fn contacts_of_many(&self, users: &[UserId]) -> Result<Vec<(UserId, UserId)>>;
 
     /// Whether `a` and `b` are contacts.
     async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool>;
@@ -239,6 +246,25 @@ fn contact_ids(user: UserId, ids: Vec<u64>) -> Result<Vec<UserId>> {
                 user: user.get(),
                 what: format!("contact id: {}", e.0),
             })
+        })
+        .collect()
+}
+
+/// The statement of [`Store::contacts_of_many`], around its list of user ids.
+const CONTACTS_OF_MANY: (&str, &str) = (
+    "SELECT user_id, contact_id FROM contacts WHERE user_id IN (",
+    ") ORDER BY user_id, contact_id",
+);
+
+/// Contact rows as read, checked.
+fn contact_pairs(rows: Vec<(u64, u64)>) -> Result<Vec<(UserId, UserId)>> {
+    rows.into_iter()
+        .map(|(user, contact)| {
+            let corrupt = |what: String| StoreError::Corrupt { user, what };
+            Ok((
+                UserId::parse(user).map_err(|e| corrupt(format!("user id: {}", e.0)))?,
+                UserId::parse(contact).map_err(|e| corrupt(format!("contact id: {}", e.0)))?,
+            ))
         })
         .collect()
 }

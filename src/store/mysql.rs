@@ -13,8 +13,9 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder};
 
 use super::{
-    Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH, PRESENCE_COLUMNS, PresenceRow,
-    Result, Store, StoredPresence, contact_ids, contact_rows, next_epoch, sorted_by_user,
+    CONTACTS_OF_MANY, Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH,
+    PRESENCE_COLUMNS, PresenceRow, Result, Store, StoredPresence, contact_ids, contact_pairs,
+    contact_rows, next_epoch, sorted_by_user,
 };
 use crate::domain::{Millis, UserId};
 
@@ -182,14 +183,22 @@ impl Store for MySqlStore {
         Ok(())
     }
 
-    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>> {
-        let ids: Vec<u64> = sqlx::query_scalar(
-            "SELECT contact_id FROM contacts WHERE user_id = ? ORDER BY contact_id",
-        )
-        .bind(user.get())
-        .fetch_all(&self.pool)
-        .await?;
-        contact_ids(user, ids)
+    async fn contacts_of_many(&self, users: &[UserId]) -> Result<Vec<(UserId, UserId)>> {
+        let mut users = users.to_vec();
+        users.sort_unstable();
+        users.dedup();
+        let mut pairs = Vec::new();
+        for chunk in users.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<MySql>::new(CONTACTS_OF_MANY.0);
+            let mut list = query.separated(", ");
+            for user in chunk {
+                list.push_bind(user.get());
+            }
+            query.push(CONTACTS_OF_MANY.1);
+            let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&self.pool).await?;
+            pairs.extend(contact_pairs(rows)?);
+        }
+        Ok(pairs)
     }
 
     async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool> {

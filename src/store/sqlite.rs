@@ -13,14 +13,21 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{
-    Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH, PRESENCE_COLUMNS, PresenceRow,
-    Result, Store, StoredPresence, contact_ids, contact_rows, next_epoch, sorted_by_user,
+    CONTACTS_OF_MANY, Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH,
+    PRESENCE_COLUMNS, PresenceRow, Result, Store, StoredPresence, contact_ids, contact_pairs,
+    contact_rows, next_epoch, sorted_by_user,
 };
 use crate::domain::{Millis, UserId};
 
 /// Connections of a file database. Writers take turns on SQLite's single write lock anyway; a
 /// few connections let reads proceed next to a write (WAL).
 const FILE_POOL_SIZE: u32 = 4;
+
+/// Rows a connection's worker thread may read ahead of the task consuming them. Each time the
+/// buffer fills, the worker blocks until the task has drained it: with sqlx's 50, a wave of
+/// connects (tens of thousands of rows, merged into a few queries) spent a third of the
+/// server's CPU switching threads.
+const ROW_BUFFER: usize = 4096;
 
 /// How long a statement waits for another connection's write lock before failing with
 /// "database is locked" (a transient error).
@@ -40,7 +47,8 @@ impl SqliteStore {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let mut options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            .row_buffer_size(ROW_BUFFER);
         let pool_options = if in_memory {
             // A memory database lives as long as one of its connections: keep exactly one, for
             // ever. Several connections sharing its cache would fail with SQLITE_LOCKED instead
@@ -235,14 +243,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>> {
-        let ids: Vec<u64> = sqlx::query_scalar(
-            "SELECT contact_id FROM contacts WHERE user_id = ? ORDER BY contact_id",
-        )
-        .bind(int(user.get(), "user id")?)
-        .fetch_all(&self.pool)
-        .await?;
-        contact_ids(user, ids)
+    async fn contacts_of_many(&self, users: &[UserId]) -> Result<Vec<(UserId, UserId)>> {
+        let mut ids = user_ids(users)?;
+        ids.sort_unstable();
+        ids.dedup();
+        let mut pairs = Vec::new();
+        for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(CONTACTS_OF_MANY.0);
+            let mut list = query.separated(", ");
+            for &id in chunk {
+                list.push_bind(id);
+            }
+            query.push(CONTACTS_OF_MANY.1);
+            let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&self.pool).await?;
+            pairs.extend(contact_pairs(rows)?);
+        }
+        Ok(pairs)
     }
 
     async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool> {

@@ -76,8 +76,8 @@ impl Store for FaultyStore {
         self.inner.checkpoint_online(users, at).await
     }
 
-    async fn contacts_of(&self, user: UserId) -> Result<Vec<UserId>> {
-        self.inner.contacts_of(user).await
+    async fn contacts_of_many(&self, users: &[UserId]) -> Result<Vec<(UserId, UserId)>> {
+        self.inner.contacts_of_many(users).await
     }
 
     async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool> {

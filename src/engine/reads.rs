@@ -1,0 +1,154 @@
+//! The engine's reads of the store, merged: while one query runs, the reads asked for meanwhile
+//! wait and then go together as the next query.
+//!
+//! Devices connecting in a wave each need their user's contact list and their contacts' rows.
+//! Read one by one, that was three statements per connect, and with SQLite each statement is a
+//! round trip to the connection's worker thread: under a wave of connects, two fifths of the
+//! server's CPU went to switching threads. Merged, a wave costs a few statements per batch of
+//! connects, and a lone read still runs at once.
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::UserId;
+use crate::store::{PresenceRow, Result, Store};
+
+/// Most users one merged query reads; more wait for the next one.
+const MAX_USERS_PER_QUERY: usize = 2_000;
+
+/// A user's contacts, shared between the entry cache and whoever asked.
+pub(super) type ContactSet = Arc<HashSet<UserId>>;
+
+/// Merged reads of presence rows and contact lists.
+pub(super) struct Reads {
+    store: Arc<dyn Store>,
+    rows: Merger<HashMap<UserId, PresenceRow>>,
+    contacts: Merger<HashMap<UserId, ContactSet>>,
+}
+
+impl Reads {
+    /// Starts the two merging tasks; they stop when the `Reads` is dropped.
+    pub(super) fn start(store: Arc<dyn Store>) -> Reads {
+        Reads {
+            rows: Merger::start(store.clone(), read_rows),
+            contacts: Merger::start(store.clone(), read_contacts),
+            store,
+        }
+    }
+
+    /// The stored rows of `users` (and maybe of others read in the same query), by user.
+    pub(super) async fn presence(
+        &self,
+        users: &[UserId],
+    ) -> Result<Arc<HashMap<UserId, PresenceRow>>> {
+        if let Some(rows) = self.rows.read(users).await {
+            return Ok(rows);
+        }
+        // The merged query failed (or the task is gone): read alone, for this caller's own
+        // error, or its rows if the failure was someone else's.
+        let rows = self.store.load_presence(users).await?;
+        Ok(Arc::new(rows.into_iter().map(|r| (r.user_id, r)).collect()))
+    }
+
+    /// `user`'s contacts.
+    pub(super) async fn contacts(&self, user: UserId) -> Result<ContactSet> {
+        if let Some(c) = self
+            .contacts
+            .read(&[user])
+            .await
+            .and_then(|all| all.get(&user).cloned())
+        {
+            return Ok(c);
+        }
+        let list = self.store.contacts_of(user).await?;
+        Ok(Arc::new(list.into_iter().collect()))
+    }
+}
+
+async fn read_rows(
+    store: Arc<dyn Store>,
+    users: Vec<UserId>,
+) -> Result<HashMap<UserId, PresenceRow>> {
+    let rows = store.load_presence(&users).await?;
+    Ok(rows.into_iter().map(|r| (r.user_id, r)).collect())
+}
+
+/// Every listed user's contact set (empty for a user without contacts).
+async fn read_contacts(
+    store: Arc<dyn Store>,
+    users: Vec<UserId>,
+) -> Result<HashMap<UserId, ContactSet>> {
+    let pairs = store.contacts_of_many(&users).await?;
+    let mut sets: HashMap<UserId, HashSet<UserId>> =
+        users.iter().map(|&u| (u, HashSet::new())).collect();
+    for (user, contact) in pairs {
+        sets.entry(user).or_default().insert(contact);
+    }
+    Ok(sets.into_iter().map(|(u, s)| (u, Arc::new(s))).collect())
+}
+
+/// One read waiting for a query: its users and where the answer goes (None: the query failed).
+type Ask<V> = (Vec<UserId>, oneshot::Sender<Option<Arc<V>>>);
+
+/// Runs one query at a time for everything asked since the previous one started.
+struct Merger<V> {
+    asks: mpsc::UnboundedSender<Ask<V>>,
+}
+
+impl<V: Send + Sync + 'static> Merger<V> {
+    fn start<Fut>(store: Arc<dyn Store>, query: fn(Arc<dyn Store>, Vec<UserId>) -> Fut) -> Merger<V>
+    where
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let (asks, mut rx) = mpsc::unbounded_channel::<Ask<V>>();
+        tokio::spawn(async move {
+            let mut carried: Option<Ask<V>> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(ask) => ask,
+                    None => match rx.recv().await {
+                        Some(ask) => ask,
+                        None => return,
+                    },
+                };
+                let mut users = first.0.clone();
+                let mut waiting = vec![first.1];
+                while users.len() < MAX_USERS_PER_QUERY {
+                    match rx.try_recv() {
+                        Ok(ask) if users.len() + ask.0.len() > MAX_USERS_PER_QUERY => {
+                            carried = Some(ask);
+                            break;
+                        }
+                        Ok((more, reply)) => {
+                            users.extend(more);
+                            waiting.push(reply);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                users.sort_unstable();
+                users.dedup();
+                let answer = match query(store.clone(), users).await {
+                    Ok(v) => Some(Arc::new(v)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a merged store read failed");
+                        None
+                    }
+                };
+                for reply in waiting {
+                    let _ = reply.send(answer.clone());
+                }
+            }
+        });
+        Merger { asks }
+    }
+
+    /// The answer of the query that read `users` (None when that query failed).
+    async fn read(&self, users: &[UserId]) -> Option<Arc<V>> {
+        let (reply, answer) = oneshot::channel();
+        self.asks.send((users.to_vec(), reply)).ok()?;
+        answer.await.ok().flatten()
+    }
+}
