@@ -995,16 +995,10 @@ impl Engine {
                 .iter()
                 .map(|s| (s.user, Self::entry_from_shared(s)))
                 .collect();
-            let rows: HashMap<UserId, PresenceRow> = if from_store.is_empty() {
-                HashMap::new()
+            let rows = if from_store.is_empty() {
+                Arc::default()
             } else {
-                self.shared
-                    .store
-                    .load_presence(&from_store)
-                    .await?
-                    .into_iter()
-                    .map(|r| (r.user_id, r))
-                    .collect()
+                self.shared.reads.presence(&from_store).await?
             };
             for i in missing {
                 let u = ids[i];
