@@ -250,12 +250,6 @@ fn contact_ids(user: UserId, ids: Vec<u64>) -> Result<Vec<UserId>> {
         .collect()
 }
 
-/// The statement of [`Store::contacts_of_many`], around its list of user ids.
-const CONTACTS_OF_MANY: (&str, &str) = (
-    "SELECT user_id, contact_id FROM contacts WHERE user_id IN (",
-    ") ORDER BY user_id, contact_id",
-);
-
 /// Contact rows as read, checked.
 fn contact_pairs(rows: Vec<(u64, u64)>) -> Result<Vec<(UserId, UserId)>> {
     rows.into_iter()

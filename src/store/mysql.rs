@@ -13,9 +13,9 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder};
 
 use super::{
-    CONTACTS_OF_MANY, Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH,
-    PRESENCE_COLUMNS, PresenceRow, Result, Store, StoredPresence, contact_ids, contact_pairs,
-    contact_rows, next_epoch, sorted_by_user,
+    Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH, PRESENCE_COLUMNS, PresenceRow,
+    Result, Store, StoredPresence, contact_ids, contact_pairs, contact_rows, next_epoch,
+    sorted_by_user,
 };
 use crate::domain::{Millis, UserId};
 
@@ -189,12 +189,14 @@ impl Store for MySqlStore {
         users.dedup();
         let mut pairs = Vec::new();
         for chunk in users.chunks(MAX_ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<MySql>::new(CONTACTS_OF_MANY.0);
+            let mut query = QueryBuilder::<MySql>::new(
+                "SELECT user_id, contact_id FROM contacts WHERE user_id IN (",
+            );
             let mut list = query.separated(", ");
             for user in chunk {
                 list.push_bind(user.get());
             }
-            query.push(CONTACTS_OF_MANY.1);
+            query.push(") ORDER BY user_id, contact_id");
             let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&self.pool).await?;
             pairs.extend(contact_pairs(rows)?);
         }

@@ -13,9 +13,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{
-    CONTACTS_OF_MANY, Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH,
-    PRESENCE_COLUMNS, PresenceRow, Result, Store, StoredPresence, contact_ids, contact_pairs,
-    contact_rows, next_epoch, sorted_by_user,
+    Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH, PRESENCE_COLUMNS, PresenceRow,
+    Result, Store, StoreError, StoredPresence, contact_ids, contact_pairs, contact_rows,
+    next_epoch, sorted_by_user,
 };
 use crate::domain::{Millis, UserId};
 
@@ -249,14 +249,31 @@ impl Store for SqliteStore {
         ids.dedup();
         let mut pairs = Vec::new();
         for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(CONTACTS_OF_MANY.0);
+            // One row per user, its contacts joined: every row costs a hand-off from the
+            // connection's thread and a decode, and row by row this read was two fifths of
+            // the server's CPU in a wave of connects. (SQLite's group_concat has no length
+            // limit short of a gigabyte; MySQL's would truncate, so its backend reads rows.)
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT user_id, group_concat(contact_id) FROM contacts WHERE user_id IN (",
+            );
             let mut list = query.separated(", ");
             for &id in chunk {
                 list.push_bind(id);
             }
-            query.push(CONTACTS_OF_MANY.1);
-            let rows: Vec<(u64, u64)> = query.build_query_as().fetch_all(&self.pool).await?;
-            pairs.extend(contact_pairs(rows)?);
+            query.push(") GROUP BY user_id ORDER BY user_id");
+            let rows: Vec<(u64, String)> = query.build_query_as().fetch_all(&self.pool).await?;
+            for (user, joined) in rows {
+                let mut contacts = joined
+                    .split(',')
+                    .map(|c| c.parse::<u64>().map(|c| (user, c)))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Corrupt {
+                        user,
+                        what: format!("contact list {joined:?}: {e}"),
+                    })?;
+                contacts.sort_unstable();
+                pairs.extend(contact_pairs(contacts)?);
+            }
         }
         Ok(pairs)
     }
