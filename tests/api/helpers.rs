@@ -7,8 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use presence::domain::UserId;
-use presence::pb::{self, client_message, server_message, watch_contacts_response};
+use presence::pb::{self, server_message, watch_contacts_response};
 use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
 use presence::server::Application;
 use presence::settings::Settings;
@@ -17,9 +16,12 @@ use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request};
+
+#[path = "../common/calls.rs"]
+mod calls;
+pub use calls::*;
 
 /// How long a test waits for something it expects before failing.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -29,9 +31,6 @@ pub const QUIET: Duration = Duration::from_millis(300);
 
 /// The HS256 secret of the JWT-mode tests.
 pub const SECRET: &str = "integration-test-secret-0123456789";
-
-/// The service name of service callers.
-pub const SERVICE: &str = "chat";
 
 static TRACING: Once = Once::new();
 
@@ -383,85 +382,6 @@ impl TestApp {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Callers
-// ---------------------------------------------------------------------------------------------
-
-/// Who makes a call: the metadata it carries.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    metadata: Vec<(&'static str, String)>,
-}
-
-/// A user, in development mode.
-pub fn user(id: u64) -> Caller {
-    Caller {
-        metadata: vec![("x-presence-user-id", id.to_string())],
-    }
-}
-
-/// A service, in development mode.
-pub fn service() -> Caller {
-    Caller {
-        metadata: vec![("x-presence-service", SERVICE.to_string())],
-    }
-}
-
-/// A service acting for a user, in development mode.
-pub fn service_for(id: u64) -> Caller {
-    Caller {
-        metadata: vec![
-            ("x-presence-service", SERVICE.to_string()),
-            ("x-presence-user-id", id.to_string()),
-        ],
-    }
-}
-
-/// Nobody: no identity at all.
-pub fn anonymous() -> Caller {
-    Caller {
-        metadata: Vec::new(),
-    }
-}
-
-/// A caller presenting a token (JWT mode).
-pub fn bearer(token: &str) -> Caller {
-    Caller {
-        metadata: vec![("authorization", format!("Bearer {token}"))],
-    }
-}
-
-/// A caller sending this exact `authorization` value.
-pub fn authorization(value: &str) -> Caller {
-    Caller {
-        metadata: vec![("authorization", value.to_string())],
-    }
-}
-
-impl Caller {
-    /// The same caller, also naming a user it acts for.
-    pub fn acting_for(self, id: u64) -> Caller {
-        self.with("x-presence-user-id", &id.to_string())
-    }
-
-    /// The same caller with one more metadata entry.
-    pub fn with(mut self, name: &'static str, value: &str) -> Caller {
-        self.metadata.push((name, value.to_string()));
-        self
-    }
-
-    pub fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        for (name, value) in &self.metadata {
-            request.metadata_mut().insert(
-                *name,
-                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
-            );
-        }
-        request
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Tokens, signed by the tests themselves
 // ---------------------------------------------------------------------------------------------
 
@@ -505,10 +425,6 @@ pub fn base64url(bytes: &[u8]) -> String {
 // Values
 // ---------------------------------------------------------------------------------------------
 
-pub fn uid(id: u64) -> UserId {
-    UserId::parse(id).expect("test user ids are positive")
-}
-
 fn pairs_of(pairs: &[(u64, u64)]) -> Vec<pb::ContactPair> {
     pairs
         .iter()
@@ -517,22 +433,6 @@ fn pairs_of(pairs: &[(u64, u64)]) -> Vec<pb::ContactPair> {
             contact_id,
         })
         .collect()
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_millis() as i64
-}
-
-pub fn millis(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
-}
-
-/// last_seen in milliseconds, if set.
-pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
-    p.last_seen.as_ref().map(millis)
 }
 
 /// What a user presence says, in one comparable tuple: (status, last_seen ms, version).
@@ -556,28 +456,6 @@ pub fn find(list: &[pb::UserPresence], id: u64) -> pb::UserPresence {
         .iter()
         .find(|p| p.user_id == id)
         .unwrap_or_else(|| panic!("user {id} is in {list:?}"))
-}
-
-pub fn hello(device: &str) -> pb::ClientMessage {
-    pb::ClientMessage {
-        kind: Some(client_message::Kind::Hello(pb::Hello {
-            device: device.to_string(),
-        })),
-    }
-}
-
-pub fn ping(nonce: u64) -> pb::ClientMessage {
-    pb::ClientMessage {
-        kind: Some(client_message::Kind::Ping(pb::Ping { nonce })),
-    }
-}
-
-pub fn status_message(status: i32) -> pb::ClientMessage {
-    pb::ClientMessage {
-        kind: Some(client_message::Kind::UpdateStatus(
-            pb::UpdateStatusRequest { status },
-        )),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

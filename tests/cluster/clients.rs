@@ -4,52 +4,21 @@
 //! whole test (issue 6), whichever node produced the change.
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use presence::pb::{self, client_message, server_message, watch_contacts_response};
 use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::harness::{Node, WAIT};
 
-/// Who makes a call: the development-mode metadata it carries.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    metadata: Vec<(&'static str, String)>,
-}
-
-/// A user.
-pub fn user(id: u64) -> Caller {
-    Caller {
-        metadata: vec![("x-presence-user-id", id.to_string())],
-    }
-}
-
-/// A service: sees everyone with the `connected` flag, manages contacts, reads stats.
-pub fn service() -> Caller {
-    Caller {
-        metadata: vec![("x-presence-service", "test".to_string())],
-    }
-}
-
-impl Caller {
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        for (name, value) in &self.metadata {
-            request.metadata_mut().insert(
-                *name,
-                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
-            );
-        }
-        request
-    }
-}
+#[path = "../common/calls.rs"]
+mod calls;
+pub use calls::*;
 
 /// Awaits a unary call, at most [`WAIT`]: a node that hangs fails the test instead of holding it.
 async fn bounded<T>(
@@ -224,20 +193,6 @@ pub async fn converge(
 // ---------------------------------------------------------------------------------------------
 // Values
 // ---------------------------------------------------------------------------------------------
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_millis() as i64
-}
-
-/// last_seen in milliseconds, if set.
-pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
-    p.last_seen
-        .as_ref()
-        .map(|ts| ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000)
-}
 
 pub fn status_of(p: &pb::UserPresence) -> pb::Status {
     pb::Status::try_from(p.status).unwrap_or(pb::Status::Unspecified)

@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use presence::domain::UserId;
 use presence::engine::Engine;
-use presence::pb::{self, client_message, server_message, watch_contacts_response};
+use presence::pb::{self, server_message, watch_contacts_response};
 use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
 use presence::server::Application;
 use presence::settings::Settings;
@@ -20,17 +19,17 @@ use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+#[path = "../common/calls.rs"]
+mod calls;
+pub use calls::*;
+
 /// How long a test waits for something it expects before failing.
 pub const WAIT: Duration = Duration::from_secs(5);
-
-/// The service name of service callers.
-pub const SERVICE: &str = "faults";
 
 /// The fault tests measure times (detection, convergence, latency percentiles) on a 2-core
 /// machine: they take turns, so that one test's 2000 streams do not skew another's figures.
@@ -343,45 +342,8 @@ impl Drop for ServerProcess {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Callers and calls
+// Calls (callers are in tests/common/calls.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// Who makes a call: the development-mode metadata it carries.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    metadata: Vec<(&'static str, String)>,
-}
-
-/// A user.
-pub fn user(id: u64) -> Caller {
-    Caller {
-        metadata: vec![("x-presence-user-id", id.to_string())],
-    }
-}
-
-/// A service: sees everyone, with the `connected` flag; may manage contacts and read stats.
-pub fn service() -> Caller {
-    Caller {
-        metadata: vec![("x-presence-service", SERVICE.to_string())],
-    }
-}
-
-impl Caller {
-    pub fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        for (name, value) in &self.metadata {
-            request.metadata_mut().insert(
-                *name,
-                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
-            );
-        }
-        request
-    }
-}
-
-pub fn uid(id: u64) -> UserId {
-    UserId::parse(id).expect("test user ids are positive")
-}
 
 /// Adds symmetric contact pairs as a service; panics on refusal.
 pub async fn add_contacts(channel: &Channel, pairs: &[(u64, u64)]) {
@@ -546,38 +508,6 @@ pub async fn wait_for_row(
 // ---------------------------------------------------------------------------------------------
 // Values
 // ---------------------------------------------------------------------------------------------
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_millis() as i64
-}
-
-/// last_seen in milliseconds, if set.
-pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
-    p.last_seen
-        .as_ref()
-        .map(|ts| ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000)
-}
-
-pub fn hello(device: &str) -> pb::ClientMessage {
-    pb::ClientMessage {
-        kind: Some(client_message::Kind::Hello(pb::Hello {
-            device: device.to_string(),
-        })),
-    }
-}
-
-pub fn status_message(status: pb::Status) -> pb::ClientMessage {
-    pb::ClientMessage {
-        kind: Some(client_message::Kind::UpdateStatus(
-            pb::UpdateStatusRequest {
-                status: status as i32,
-            },
-        )),
-    }
-}
 
 /// The `p`-th percentile (0..=100) of `samples`, nearest rank.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {

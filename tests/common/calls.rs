@@ -1,0 +1,129 @@
+//! Who calls, and the small messages every suite sends: shared by the API, fault and cluster
+//! suites (`#[path]`-included: each test binary compiles its own copy, and not every suite uses
+//! every helper).
+#![allow(dead_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use presence::domain::UserId;
+use presence::pb::{self, client_message};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+
+/// The service name test callers present.
+pub const SERVICE: &str = "chat";
+
+/// Who makes a call: the metadata it carries.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    metadata: Vec<(&'static str, String)>,
+}
+
+/// A user, in development mode.
+pub fn user(id: u64) -> Caller {
+    Caller {
+        metadata: vec![("x-presence-user-id", id.to_string())],
+    }
+}
+
+/// A service, in development mode: sees everyone with the `connected` flag, manages contacts,
+/// reads stats.
+pub fn service() -> Caller {
+    Caller {
+        metadata: vec![("x-presence-service", SERVICE.to_string())],
+    }
+}
+
+/// A service acting for a user, in development mode.
+pub fn service_for(id: u64) -> Caller {
+    service().acting_for(id)
+}
+
+/// Nobody: no identity at all.
+pub fn anonymous() -> Caller {
+    Caller {
+        metadata: Vec::new(),
+    }
+}
+
+/// A caller presenting a token (JWT mode).
+pub fn bearer(token: &str) -> Caller {
+    authorization(&format!("Bearer {token}"))
+}
+
+/// A caller sending this exact `authorization` value.
+pub fn authorization(value: &str) -> Caller {
+    Caller {
+        metadata: vec![("authorization", value.to_string())],
+    }
+}
+
+impl Caller {
+    /// The same caller, also naming a user it acts for.
+    pub fn acting_for(self, id: u64) -> Caller {
+        self.with("x-presence-user-id", &id.to_string())
+    }
+
+    /// The same caller with one more metadata entry.
+    pub fn with(mut self, name: &'static str, value: &str) -> Caller {
+        self.metadata.push((name, value.to_string()));
+        self
+    }
+
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        for (name, value) in &self.metadata {
+            request.metadata_mut().insert(
+                *name,
+                MetadataValue::try_from(value.as_str()).expect("test metadata is ASCII"),
+            );
+        }
+        request
+    }
+}
+
+pub fn uid(id: u64) -> UserId {
+    UserId::parse(id).expect("test user ids are positive")
+}
+
+pub fn hello(device: &str) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Hello(pb::Hello {
+            device: device.to_string(),
+        })),
+    }
+}
+
+pub fn ping(nonce: u64) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Ping(pb::Ping { nonce })),
+    }
+}
+
+/// An update_status on a device stream (the status as sent on the wire, so a test can send
+/// values the enum does not have).
+pub fn status_message(status: impl Into<i32>) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::UpdateStatus(
+            pb::UpdateStatusRequest {
+                status: status.into(),
+            },
+        )),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as i64
+}
+
+pub fn millis(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+}
+
+/// last_seen in milliseconds, if set.
+pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
+    p.last_seen.as_ref().map(millis)
+}
