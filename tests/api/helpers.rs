@@ -1,13 +1,11 @@
 //! The harness: a real server per test (its own SQLite file, port 0), callers that name
 //! themselves through metadata or tokens the tests sign, and receivers (devices and watchers)
 //! that wait for the updates a test expects, with a timeout, instead of sleeping.
-use std::pin::Pin;
 use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{Stream, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use presence::pb::{self, server_message, watch_contacts_response};
+use presence::pb::{self};
 use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
 use presence::server::Application;
 use presence::settings::Settings;
@@ -15,16 +13,16 @@ use presence::store::{self, PresenceRow, Store};
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 #[path = "../common/calls.rs"]
 mod calls;
+#[path = "../common/streams.rs"]
+mod streams;
 pub use calls::*;
+pub use streams::*;
 
-/// How long a test waits for something it expects before failing.
-pub const WAIT: Duration = Duration::from_secs(5);
 /// How long a negative check listens. Only used after a positive control proved that the
 /// same kind of event does arrive.
 pub const QUIET: Duration = Duration::from_millis(300);
@@ -459,84 +457,8 @@ pub fn find(list: &[pb::UserPresence], id: u64) -> pb::UserPresence {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Receivers
+// Streams (the clients themselves are in tests/common/streams.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// What a device or watcher stream yields after its first message.
-#[derive(Debug)]
-pub enum Incoming {
-    Presence(pb::UserPresence),
-    Pong(u64),
-    Other(String),
-}
-
-type IncomingStream = Pin<Box<dyn Stream<Item = Result<Incoming, tonic::Status>> + Send>>;
-
-/// The receiving end of a device or a watcher.
-pub struct Inbox {
-    /// Names the receiver in failure messages.
-    name: String,
-    stream: IncomingStream,
-}
-
-impl Inbox {
-    /// The next presence update, within [`WAIT`]. Panics on anything else.
-    pub async fn next_update(&mut self) -> pb::UserPresence {
-        match tokio::time::timeout(WAIT, self.stream.next()).await {
-            Err(_) => panic!("{}: no update within {WAIT:?}", self.name),
-            Ok(Some(Ok(Incoming::Presence(p)))) => p,
-            Ok(Some(Ok(Incoming::Other(what)))) => {
-                panic!("{}: expected an update, got {what}", self.name)
-            }
-            Ok(other) => panic!("{}: expected an update, got {other:?}", self.name),
-        }
-    }
-
-    /// Asserts that nothing arrives within `within`.
-    pub async fn expect_no_update(&mut self, within: Duration, why: &str) {
-        if let Ok(item) = tokio::time::timeout(within, self.stream.next()).await {
-            panic!("{}: expected nothing ({why}), got {item:?}", self.name);
-        }
-    }
-
-    /// Updates up to and including the first one matching `last`.
-    pub async fn updates_until(
-        &mut self,
-        last: impl Fn(&pb::UserPresence) -> bool,
-    ) -> Vec<pb::UserPresence> {
-        let mut out = Vec::new();
-        loop {
-            let p = self.next_update().await;
-            let done = last(&p);
-            out.push(p);
-            if done {
-                return out;
-            }
-        }
-    }
-
-    /// Skips updates until the stream ends; returns the status it ended with (None for a
-    /// clean end). Panics if it does not end within `within`.
-    pub async fn ended_within(&mut self, within: Duration) -> Option<tonic::Status> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => panic!("{}: the stream did not end within {within:?}", self.name),
-                Ok(None) => return None,
-                Ok(Some(Err(status))) => return Some(status),
-                Ok(Some(Ok(_))) => continue,
-            }
-        }
-    }
-}
-
-/// One device: a live Authenticate stream.
-pub struct Device {
-    pub welcome: pb::Welcome,
-    /// Feeds the client side of the stream; dropping it half-closes the stream.
-    tx: mpsc::Sender<pb::ClientMessage>,
-    inbox: Inbox,
-}
 
 /// Opens Authenticate and sends `first` before anything is read; returns the server's
 /// response (an error when the server refuses the stream up front) and the sender.
@@ -551,28 +473,8 @@ pub async fn open_stream(
     open_stream_on(app.connection().await, caller, first).await
 }
 
-async fn open_stream_on(
-    channel: Channel,
-    caller: &Caller,
-    first: Vec<pb::ClientMessage>,
-) -> (
-    Result<tonic::Streaming<pb::ServerMessage>, tonic::Status>,
-    mpsc::Sender<pb::ClientMessage>,
-) {
-    let (tx, rx) = mpsc::channel(64);
-    for m in first {
-        tx.send(m).await.expect("the outbound queue has room");
-    }
-    let mut client = PresenceClient::new(channel);
-    let response = client
-        .authenticate(caller.request(ReceiverStream::new(rx)))
-        .await
-        .map(tonic::Response::into_inner);
-    (response, tx)
-}
-
 impl Device {
-    /// Opens a device stream: hello, then the welcome.
+    /// Opens a device stream labelled `label` on a new connection to `app`.
     pub async fn connect(
         app: &TestApp,
         caller: &Caller,
@@ -588,143 +490,18 @@ impl Device {
         caller: &Caller,
         label: &str,
     ) -> Result<Device, tonic::Status> {
-        let (response, tx) =
-            tokio::time::timeout(WAIT, open_stream_on(channel, caller, vec![hello(label)]))
-                .await
-                .expect("Authenticate answers within the wait");
-        let mut stream = response?;
-        let first = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("the welcome arrives within the wait")?;
-        let welcome = match first.and_then(|m| m.kind) {
-            Some(server_message::Kind::Welcome(w)) => w,
-            other => panic!("the first server message is a welcome, got {other:?}"),
-        };
-        let user = welcome.self_.map(|p| p.user_id).unwrap_or_default();
-        let stream = stream.map(|m| {
-            m.map(|m| match m.kind {
-                Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
-                Some(server_message::Kind::Pong(p)) => Incoming::Pong(p.nonce),
-                other => Incoming::Other(format!("{other:?}")),
-            })
-        });
-        Ok(Device {
-            welcome,
-            tx,
-            inbox: Inbox {
-                name: format!("device of user {user}"),
-                stream: Box::pin(stream),
-            },
-        })
+        Device::open(channel, caller, label, WAIT).await
     }
-
-    /// The device's own presence, as the welcome gave it.
-    pub fn me(&self) -> pb::UserPresence {
-        self.welcome
-            .self_
-            .expect("the welcome has the caller's own presence")
-    }
-
-    pub async fn send(&self, message: pb::ClientMessage) {
-        self.tx
-            .send(message)
-            .await
-            .expect("the device stream is still open");
-    }
-
-    /// Sends a ping and waits for its pong. Panics if an update comes first.
-    pub async fn ping(&mut self, nonce: u64) {
-        self.send(ping(nonce)).await;
-        match tokio::time::timeout(WAIT, self.inbox.stream.next()).await {
-            Ok(Some(Ok(Incoming::Pong(n)))) => assert_eq!(n, nonce, "the pong echoes the nonce"),
-            other => panic!("{}: expected a pong, got {other:?}", self.inbox.name),
-        }
-    }
-
-    /// Closes the device: the stream is dropped, as when an app is closed.
-    pub fn close(self) {
-        drop(self);
-    }
-}
-
-impl std::ops::Deref for Device {
-    type Target = Inbox;
-    fn deref(&self) -> &Inbox {
-        &self.inbox
-    }
-}
-
-impl std::ops::DerefMut for Device {
-    fn deref_mut(&mut self) -> &mut Inbox {
-        &mut self.inbox
-    }
-}
-
-/// One WatchContacts stream.
-pub struct Watcher {
-    pub snapshot: Vec<pb::UserPresence>,
-    inbox: Inbox,
 }
 
 impl Watcher {
+    /// Opens a WatchContacts stream on a new connection to `app`.
     pub async fn open(
         app: &TestApp,
         caller: &Caller,
         ids: &[u64],
     ) -> Result<Watcher, tonic::Status> {
         Self::open_on(app.connection().await, caller, ids).await
-    }
-
-    /// Opens a watcher on a given connection (for example one with a small flow-control
-    /// window).
-    pub async fn open_on(
-        channel: Channel,
-        caller: &Caller,
-        ids: &[u64],
-    ) -> Result<Watcher, tonic::Status> {
-        let mut client = PresenceClient::new(channel);
-        let mut stream = tokio::time::timeout(
-            WAIT,
-            client.watch_contacts(caller.request(pb::WatchContactsRequest {
-                user_ids: ids.to_vec(),
-            })),
-        )
-        .await
-        .expect("WatchContacts answers within the wait")?
-        .into_inner();
-        let first = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("the snapshot arrives within the wait")?;
-        let snapshot = match first.and_then(|m| m.kind) {
-            Some(watch_contacts_response::Kind::Snapshot(s)) => s.users,
-            other => panic!("the first watch message is a snapshot, got {other:?}"),
-        };
-        let stream = stream.map(|m| {
-            m.map(|m| match m.kind {
-                Some(watch_contacts_response::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
-                other => Incoming::Other(format!("{other:?}")),
-            })
-        });
-        Ok(Watcher {
-            snapshot,
-            inbox: Inbox {
-                name: format!("watcher {caller:?}"),
-                stream: Box::pin(stream),
-            },
-        })
-    }
-}
-
-impl std::ops::Deref for Watcher {
-    type Target = Inbox;
-    fn deref(&self) -> &Inbox {
-        &self.inbox
-    }
-}
-
-impl std::ops::DerefMut for Watcher {
-    fn deref_mut(&mut self) -> &mut Inbox {
-        &mut self.inbox
     }
 }
 

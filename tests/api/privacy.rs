@@ -430,7 +430,7 @@ async fn a_viewer_who_loses_access_gets_one_offline_update_at_once_then_nothing(
     );
     for (path, receiver) in viewers.iter_mut() {
         receiver
-            .expect_no_update(QUIET, &format!("{path} may no longer see X"))
+            .expect_nothing(QUIET, &format!("{path} may no longer see X"))
             .await;
     }
     for viewer in [2, 3] {

@@ -3,12 +3,15 @@
 //! every helper).
 #![allow(dead_code)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use presence::domain::UserId;
 use presence::pb::{self, client_message};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
+
+/// How long a test waits for what it expects before failing.
+pub const WAIT: Duration = Duration::from_secs(5);
 
 /// The service name test callers present.
 pub const SERVICE: &str = "chat";

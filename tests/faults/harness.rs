@@ -3,22 +3,19 @@
 //! (devices and watchers) that wait for the updates a test expects, with a timeout.
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
 use presence::engine::Engine;
-use presence::pb::{self, server_message, watch_contacts_response};
+use presence::pb::{self};
 use presence::pb::{contacts_client::ContactsClient, presence_client::PresenceClient};
 use presence::server::Application;
 use presence::settings::Settings;
 use presence::store::{self, PresenceRow, Store};
 use tempfile::TempDir;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -26,10 +23,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[path = "../common/calls.rs"]
 mod calls;
+#[path = "../common/streams.rs"]
+mod streams;
 pub use calls::*;
-
-/// How long a test waits for something it expects before failing.
-pub const WAIT: Duration = Duration::from_secs(5);
+pub use streams::*;
 
 /// The fault tests measure times (detection, convergence, latency percentiles) on a 2-core
 /// machine: they take turns, so that one test's 2000 streams do not skew another's figures.
@@ -521,93 +518,6 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 // Receivers
 // ---------------------------------------------------------------------------------------------
 
-/// What a device or watcher stream yields after its first message.
-#[derive(Debug)]
-pub enum Incoming {
-    Presence(pb::UserPresence),
-    /// An answer to a ping (no test here pings; kept so a pong is never taken for an update).
-    Pong,
-    /// Anything else, described.
-    Other(String),
-}
-
-type IncomingStream = Pin<Box<dyn Stream<Item = Result<Incoming, tonic::Status>> + Send>>;
-
-/// The receiving end of a device or a watcher.
-pub struct Inbox {
-    /// Names the receiver in failure messages.
-    name: String,
-    stream: IncomingStream,
-}
-
-impl Inbox {
-    /// The next presence update, within `within`. Panics on anything else.
-    pub async fn next_update(&mut self, within: Duration) -> pb::UserPresence {
-        match tokio::time::timeout(within, self.stream.next()).await {
-            Err(_) => panic!("{}: no update within {within:?}", self.name),
-            Ok(Some(Ok(Incoming::Presence(p)))) => p,
-            Ok(Some(Ok(Incoming::Other(what)))) => {
-                panic!("{}: expected an update, got {what}", self.name)
-            }
-            Ok(other) => panic!("{}: expected an update, got {other:?}", self.name),
-        }
-    }
-
-    /// The next update of `user`, skipping other users' updates, within `within`.
-    pub async fn next_update_of(&mut self, user: u64, within: Duration) -> pb::UserPresence {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let p = self.next_update(left).await;
-            if p.user_id == user {
-                return p;
-            }
-        }
-    }
-
-    /// Asserts that nothing arrives within `within`.
-    pub async fn expect_nothing(&mut self, within: Duration, why: &str) {
-        if let Ok(item) = tokio::time::timeout(within, self.stream.next()).await {
-            panic!("{}: expected nothing ({why}), got {item:?}", self.name);
-        }
-    }
-
-    /// Everything that arrived so far without waiting (updates only; panics on an end).
-    pub fn drain(&mut self) -> Vec<pb::UserPresence> {
-        let mut out = Vec::new();
-        while let Some(item) = futures::FutureExt::now_or_never(self.stream.next()) {
-            match item {
-                Some(Ok(Incoming::Presence(p))) => out.push(p),
-                Some(Ok(Incoming::Pong)) => {}
-                other => panic!("{}: expected updates, got {other:?}", self.name),
-            }
-        }
-        out
-    }
-
-    /// Skips updates until the stream ends; returns the status it ended with (None for a
-    /// clean end). Panics if it does not end within `within`.
-    pub async fn ended_within(&mut self, within: Duration) -> Option<tonic::Status> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => panic!("{}: the stream did not end within {within:?}", self.name),
-                Ok(None) => return None,
-                Ok(Some(Err(status))) => return Some(status),
-                Ok(Some(Ok(_))) => continue,
-            }
-        }
-    }
-}
-
-/// One device: a live Authenticate stream.
-pub struct Device {
-    pub welcome: pb::Welcome,
-    /// Feeds the client side of the stream; the stream stays open as long as this does.
-    tx: mpsc::Sender<pb::ClientMessage>,
-    inbox: Inbox,
-}
-
 impl Device {
     /// Opens a device stream on `channel` (hello, then the welcome, within [`WAIT`]); the
     /// server's refusal comes back as the error.
@@ -621,126 +531,17 @@ impl Device {
         caller: &Caller,
         within: Duration,
     ) -> Result<Device, tonic::Status> {
-        let opening = async {
-            let (tx, rx) = mpsc::channel(16);
-            tx.send(hello("phone"))
-                .await
-                .expect("the outbound queue has room");
-            let mut client = PresenceClient::new(channel.clone());
-            let mut stream = client
-                .authenticate(caller.request(ReceiverStream::new(rx)))
-                .await?
-                .into_inner();
-            let first = stream.message().await?;
-            Ok::<_, tonic::Status>((tx, stream, first))
-        };
-        let (tx, stream, first) = tokio::time::timeout(within, opening)
-            .await
-            .unwrap_or_else(|_| panic!("{caller:?}: no welcome (nor refusal) within {within:?}"))?;
-        let welcome = match first.and_then(|m| m.kind) {
-            Some(server_message::Kind::Welcome(w)) => w,
-            other => panic!("the first server message is a welcome, got {other:?}"),
-        };
-        let user = welcome.self_.map(|p| p.user_id).unwrap_or_default();
-        let stream = stream.map(|m| {
-            m.map(|m| match m.kind {
-                Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
-                Some(server_message::Kind::Pong(_)) => Incoming::Pong,
-                other => Incoming::Other(format!("{other:?}")),
-            })
-        });
-        Ok(Device {
-            welcome,
-            tx,
-            inbox: Inbox {
-                name: format!("device of user {user}"),
-                stream: Box::pin(stream),
-            },
-        })
+        Device::open(channel.clone(), caller, "phone", within).await
     }
-
-    /// The device's own presence, as the welcome gave it.
-    pub fn me(&self) -> pb::UserPresence {
-        self.welcome
-            .self_
-            .expect("the welcome has the caller's own presence")
-    }
-
-    pub async fn send(&self, message: pb::ClientMessage) {
-        self.tx
-            .send(message)
-            .await
-            .expect("the device stream is still open");
-    }
-}
-
-impl std::ops::Deref for Device {
-    type Target = Inbox;
-    fn deref(&self) -> &Inbox {
-        &self.inbox
-    }
-}
-
-impl std::ops::DerefMut for Device {
-    fn deref_mut(&mut self) -> &mut Inbox {
-        &mut self.inbox
-    }
-}
-
-/// One WatchContacts stream.
-pub struct Watcher {
-    pub snapshot: Vec<pb::UserPresence>,
-    inbox: Inbox,
 }
 
 impl Watcher {
-    /// Watches the caller's contacts (`ids` empty) or, for a service, the listed users.
+    /// Watches the caller's contacts (`ids` empty) or, for a service, the listed users;
+    /// panics on refusal.
     pub async fn open(channel: &Channel, caller: &Caller, ids: &[u64]) -> Watcher {
-        let mut client = PresenceClient::new(channel.clone());
-        let mut stream = tokio::time::timeout(
-            WAIT,
-            client.watch_contacts(caller.request(pb::WatchContactsRequest {
-                user_ids: ids.to_vec(),
-            })),
-        )
-        .await
-        .expect("WatchContacts answers within the wait")
-        .unwrap_or_else(|s| panic!("{caller:?} may watch {ids:?}: {s:?}"))
-        .into_inner();
-        let first = tokio::time::timeout(WAIT, stream.message())
+        Watcher::open_on(channel.clone(), caller, ids)
             .await
-            .expect("the snapshot arrives within the wait")
-            .expect("the snapshot is not an error");
-        let snapshot = match first.and_then(|m| m.kind) {
-            Some(watch_contacts_response::Kind::Snapshot(s)) => s.users,
-            other => panic!("the first watch message is a snapshot, got {other:?}"),
-        };
-        let stream = stream.map(|m| {
-            m.map(|m| match m.kind {
-                Some(watch_contacts_response::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
-                other => Incoming::Other(format!("{other:?}")),
-            })
-        });
-        Watcher {
-            snapshot,
-            inbox: Inbox {
-                name: format!("watcher {caller:?}"),
-                stream: Box::pin(stream),
-            },
-        }
-    }
-}
-
-impl std::ops::Deref for Watcher {
-    type Target = Inbox;
-    fn deref(&self) -> &Inbox {
-        &self.inbox
-    }
-}
-
-impl std::ops::DerefMut for Watcher {
-    fn deref_mut(&mut self) -> &mut Inbox {
-        &mut self.inbox
+            .unwrap_or_else(|s| panic!("{caller:?} may watch {ids:?}: {s:?}"))
     }
 }
 

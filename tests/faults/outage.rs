@@ -55,7 +55,7 @@ impl Seen {
             if left.is_zero() {
                 panic!("{why}: user {user} never showed {status:?}");
             }
-            let p = inbox.next_update(left).await;
+            let p = inbox.next_update_within(left).await;
             self.note(&p);
             if p.user_id == user && p.status() == status {
                 return p;
