@@ -98,8 +98,10 @@ struct Merger<V> {
 }
 
 impl<V: Send + Sync + 'static> Merger<V> {
-    fn start<Fut>(store: Arc<dyn Store>, query: fn(Arc<dyn Store>, Vec<UserId>) -> Fut) -> Merger<V>
+    /// Starts the task that runs `query(source, users)` for each merged batch.
+    fn start<S, Fut>(source: S, query: fn(S, Vec<UserId>) -> Fut) -> Merger<V>
     where
+        S: Clone + Send + 'static,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
         let (asks, mut rx) = mpsc::unbounded_channel::<Ask<V>>();
@@ -130,7 +132,7 @@ impl<V: Send + Sync + 'static> Merger<V> {
                 }
                 users.sort_unstable();
                 users.dedup();
-                let answer = match query(store.clone(), users).await {
+                let answer = match query(source.clone(), users).await {
                     Ok(v) => Some(Arc::new(v)),
                     Err(e) => {
                         tracing::debug!(error = %e, "a merged store read failed");
@@ -150,5 +152,122 @@ impl<V: Send + Sync + 'static> Merger<V> {
         let (reply, answer) = oneshot::channel();
         self.asks.send((users.to_vec(), reply)).ok()?;
         answer.await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+
+    /// What the test query sees: the batches it was asked, and a gate that holds the first.
+    #[derive(Clone)]
+    struct Probe {
+        batches: Arc<Mutex<Vec<Vec<UserId>>>>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Default for Probe {
+        fn default() -> Self {
+            Probe {
+                batches: Arc::default(),
+                gate: Arc::new(Semaphore::new(0)),
+            }
+        }
+    }
+
+    fn ids(range: std::ops::RangeInclusive<u64>) -> Vec<UserId> {
+        range.map(|i| UserId::parse(i).unwrap()).collect()
+    }
+
+    /// Answers each user with its own id doubled; fails when asked for user 13.
+    async fn doubled(probe: Probe, users: Vec<UserId>) -> Result<HashMap<UserId, u64>> {
+        probe.batches.lock().unwrap().push(users.clone());
+        let _pass = probe.gate.acquire().await.expect("the gate stays open");
+        if users.iter().any(|u| u.get() == 13) {
+            return Err(StoreError::Corrupt {
+                user: 13,
+                what: "unlucky".into(),
+            });
+        }
+        Ok(users.iter().map(|u| (*u, u.get() * 2)).collect())
+    }
+
+    #[tokio::test]
+    async fn reads_asked_while_a_query_runs_go_together_in_the_next_one() {
+        let probe = Probe::default();
+        let merger = Arc::new(Merger::start(probe.clone(), doubled));
+        // The first read's query waits at the gate; 20 more reads arrive meanwhile.
+        let first = tokio::spawn({
+            let m = merger.clone();
+            async move { m.read(&ids(1..=2)).await }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while probe.batches.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first query starts");
+        // Each later read sends its ask in its first poll, right after counting itself (the
+        // test runtime has one thread: a poll is never interrupted).
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let later: Vec<_> = (0..20u64)
+            .map(|i| {
+                let m = merger.clone();
+                let asked = asked.clone();
+                tokio::spawn(async move {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    (i, m.read(&ids(100 + i..=100 + i)).await)
+                })
+            })
+            .collect();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while asked.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every later read is asked");
+        probe.gate.add_permits(100);
+        let first = first.await.unwrap().expect("the first read is answered");
+        assert_eq!(first.get(&UserId::parse(2).unwrap()), Some(&4));
+        for task in later {
+            let (i, answer) = task.await.unwrap();
+            let answer = answer.expect("each later read is answered");
+            let me = UserId::parse(100 + i).unwrap();
+            assert_eq!(
+                answer.get(&me),
+                Some(&((100 + i) * 2)),
+                "read {i} gets its user"
+            );
+        }
+        let batches = probe.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![ids(1..=2), ids(100..=119)],
+            "one query for the first read, one for the 20 that waited"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_answers_none_to_each_of_its_readers() {
+        let probe = Probe::default();
+        probe.gate.add_permits(100);
+        let merger = Merger::start(probe.clone(), doubled);
+        assert!(
+            merger.read(&ids(12..=13)).await.is_none(),
+            "a failed query answers None, so the reader re-reads alone for its own error"
+        );
+        assert_eq!(
+            merger
+                .read(&ids(14..=14))
+                .await
+                .and_then(|a| a.get(&UserId::parse(14).unwrap()).copied()),
+            Some(28),
+            "the merger goes on after a failure"
+        );
     }
 }

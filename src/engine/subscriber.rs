@@ -449,4 +449,79 @@ mod tests {
         assert_eq!(stream.next().await, Some(Event::End(EndReason::Shutdown)));
         assert_eq!(stream.next().await, None, "nothing after End");
     }
+
+    /// Records, in order, which receiver each wake-up went to.
+    struct Woken {
+        id: u64,
+        log: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl futures::task::ArcWake for Woken {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.log.lock().unwrap().push(me.id);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_wakes_the_streams_of_one_connection_together() {
+        let batcher = WakeBatcher::start(std::time::Duration::from_millis(1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // Receivers 1..=8 on connections 7, 3, 7, 5, 3, 7, 5, 3, deferred in that order.
+        let groups = [7, 3, 7, 5, 3, 7, 5, 3];
+        {
+            // Deferred under the batcher's lock held once, so the tick cannot split them.
+            let mut pending = batcher.pending.lock().unwrap();
+            for (i, group) in groups.iter().enumerate() {
+                let woken = Arc::new(Woken {
+                    id: i as u64 + 1,
+                    log: log.clone(),
+                });
+                pending.push((*group, futures::task::waker(woken)));
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while log.lock().unwrap().len() < groups.len() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the tick wakes every deferred receiver");
+        let order = log.lock().unwrap().clone();
+        let by_group: Vec<u64> = order.iter().map(|&id| groups[id as usize - 1]).collect();
+        assert_eq!(
+            by_group,
+            vec![3, 3, 3, 5, 5, 7, 7, 7],
+            "one connection's receivers are woken one after another (order {order:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_presence_wake_up_is_deferred_to_the_batch_with_its_group() {
+        let batcher = WakeBatcher::start(std::time::Duration::from_secs(3600));
+        let sub = Arc::new(Subscriber::new(
+            1,
+            Visibility::Everyone,
+            8,
+            Some(batcher.clone()),
+        ));
+        sub.set_wake_group(42);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let waker = futures::task::waker(Arc::new(Woken {
+            id: 1,
+            log: log.clone(),
+        }));
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            sub.poll_next_event(&mut cx).is_pending(),
+            "nothing queued yet"
+        );
+        sub.push(presence(3, 1));
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "a presence is not woken at once"
+        );
+        let pending = batcher.pending.lock().unwrap();
+        assert_eq!(pending.len(), 1, "its wake-up waits for the tick");
+        assert_eq!(pending[0].0, 42, "with the subscriber's connection");
+    }
 }
