@@ -726,6 +726,20 @@ async fn sqlite_store() -> TestStore {
 
 /// The MySQL test database, or `None` if MySQL tests are skipped here (not in CI, no URL).
 async fn mysql_store() -> Option<TestStore> {
+    let database = MySqlDatabase::create(mysql_admin_url()?).await;
+    let store = store::connect(&database.url())
+        .await
+        .expect("the store connects to its test database");
+    store.migrate().await.expect("MySQL migrations apply");
+    Some(TestStore {
+        store,
+        database: TestDatabase::MySql(database),
+    })
+}
+
+/// The URL to create MySQL test databases with, or `None` if MySQL tests are skipped here (not
+/// in CI, no URL).
+fn mysql_admin_url() -> Option<String> {
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let admin_url = match std::env::var(MYSQL_URL_VAR) {
         Ok(url) if !url.trim().is_empty() => url,
@@ -746,15 +760,7 @@ async fn mysql_store() -> Option<TestStore> {
             return None;
         }
     };
-    let database = MySqlDatabase::create(admin_url).await;
-    let store = store::connect(&database.url())
-        .await
-        .expect("the store connects to its test database");
-    store.migrate().await.expect("MySQL migrations apply");
-    Some(TestStore {
-        store,
-        database: TestDatabase::MySql(database),
-    })
+    Some(admin_url)
 }
 
 #[path = "common/mysql_db.rs"]
@@ -1002,4 +1008,39 @@ async fn mysql_lock_wait_timeouts_are_transient_and_constraint_violations_are_no
         !violation.is_transient(),
         "a duplicate key fails again on retry: {violation}"
     );
+}
+
+/// Several nodes starting at once on a fresh database (a deployment's first rollout) each run
+/// the migrations: all must succeed, whoever goes first.
+async fn nodes_starting_together_all_migrate(url: &str) {
+    let stores = futures::future::join_all((0..4).map(|_| store::connect(url))).await;
+    let stores: Vec<_> = stores
+        .into_iter()
+        .map(|s| s.expect("each node connects"))
+        .collect();
+    let results = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
+    for (i, r) in results.into_iter().enumerate() {
+        r.unwrap_or_else(|e| panic!("node {i}'s migration fails beside the others: {e}"));
+    }
+    let row = row(1, 1);
+    stores[0]
+        .upsert_presence_batch(&[row])
+        .await
+        .expect("the schema is there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_nodes_starting_together_on_a_fresh_database_all_migrate() {
+    let Some(admin_url) = mysql_admin_url() else {
+        return;
+    };
+    let database = MySqlDatabase::create(admin_url).await;
+    nodes_starting_together_all_migrate(&database.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_nodes_starting_together_on_a_fresh_file_all_migrate() {
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let url = format!("sqlite://{}", dir.path().join("presence.db").display());
+    nodes_starting_together_all_migrate(&url).await;
 }

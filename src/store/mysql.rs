@@ -7,6 +7,7 @@
 //! locks in the same order; a deadlock that still happens is a transient error for the caller
 //! to retry.
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
@@ -14,13 +15,24 @@ use sqlx::{MySql, QueryBuilder};
 
 use super::{
     Epoch, MAX_ROWS_PER_STATEMENT, META_CLEAN_SHUTDOWN, META_EPOCH, PRESENCE_COLUMNS, PresenceRow,
-    Result, Store, StoredPresence, contact_ids, contact_pairs, contact_rows, next_epoch,
-    sorted_by_user,
+    Result, Store, StoreError, StoredPresence, contact_ids, contact_pairs, contact_rows,
+    next_epoch, sorted_by_user,
 };
 use crate::domain::{Millis, UserId};
 
 /// Connections to the server: the write-behind flusher, lazy loads and contact RPCs share them.
 const POOL_SIZE: u32 = 10;
+
+/// How long a starting process waits for another one's migrations to finish.
+const MIGRATE_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// The name of the migration lock: one per database (lock names are server-wide, at most 64
+/// characters).
+macro_rules! lock_name {
+    () => {
+        "LEFT(CONCAT('presence-migrate:', DATABASE()), 64)"
+    };
+}
 
 /// The store on a MySQL or MariaDB database.
 #[derive(Debug, Clone)]
@@ -48,8 +60,32 @@ impl MySqlStore {
 #[async_trait]
 impl Store for MySqlStore {
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/mysql").run(&self.pool).await?;
-        Ok(())
+        // sqlx's own migration lock is GET_LOCK(name, -1): MySQL waits for ever, but MariaDB
+        // answers NULL at once without the lock, and nodes starting together on a fresh
+        // database raced ("migration 1 is partially applied"). Hold our own lock, with a real
+        // timeout, on the connection that migrates.
+        let mut conn = self.pool.acquire().await?;
+        let locked: Option<i64> =
+            sqlx::query_scalar(concat!("SELECT GET_LOCK(", lock_name!(), ", ?)"))
+                .bind(MIGRATE_LOCK_WAIT.as_secs())
+                .fetch_one(&mut *conn)
+                .await?;
+        if locked != Some(1) {
+            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "another process held the migration lock of this database for {} s",
+                MIGRATE_LOCK_WAIT.as_secs()
+            ))));
+        }
+        // `run_direct` takes the connection itself (`run(&mut *conn)` trips sqlx's "Acquire is
+        // not general enough" inside an async trait method; sqlx keeps this entry for that).
+        let migrated = sqlx::migrate!("./migrations/mysql")
+            .run_direct(None, &mut *conn, false)
+            .await;
+        // Also released when the connection closes; a failure here changes nothing.
+        let _ = sqlx::query(concat!("SELECT RELEASE_LOCK(", lock_name!(), ")"))
+            .execute(&mut *conn)
+            .await;
+        Ok(migrated?)
     }
 
     async fn begin_epoch(&self) -> Result<Epoch> {

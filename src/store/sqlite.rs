@@ -23,6 +23,9 @@ use crate::domain::{Millis, UserId};
 /// few connections let reads proceed next to a write (WAL).
 const FILE_POOL_SIZE: u32 = 4;
 
+/// Extra attempts at migrating a file that another process is migrating at the same time.
+const MIGRATE_RETRIES: u32 = 8;
+
 /// Rows a connection's worker thread may read ahead of the task consuming them. Each time the
 /// buffer fills, the worker blocks until the task has drained it: with sqlx's 50, a wave of
 /// connects (tens of thousands of rows, merged into a few queries) spent a third of the
@@ -104,10 +107,22 @@ impl BoundRow {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.pool)
-            .await?;
-        Ok(())
+        // SQLite has no migration lock (sqlx's is a no-op there): when processes open a new
+        // file together, one's migration fails ("table presence already exists") while
+        // another's commits. Each migration is one transaction, so the loser rolled back
+        // cleanly: it tries again and finds the schema applied.
+        let mut attempt = 0;
+        loop {
+            match sqlx::migrate!("./migrations/sqlite").run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < MIGRATE_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migrating beside another process; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn begin_epoch(&self) -> Result<Epoch> {
