@@ -304,10 +304,16 @@ impl Report {
             row(
                 "  deliveries per flap",
                 format!(
-                    "bench {:.2}, server {} (changes per flap {})",
+                    "bench {:.2}, server {} (changes per flap {}){}",
                     f.bench_deliveries_per_flap,
                     opt(f.server_deliveries_per_flap, 2),
-                    opt(f.server_changes_per_flap, 2)
+                    opt(f.server_changes_per_flap, 2),
+                    // The server's counters cannot tell a flap's deliveries from the churn's.
+                    if self.churn.is_some() {
+                        "; the server's figures include the churn"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
