@@ -23,7 +23,8 @@ use crate::domain::{Millis, UserId};
 /// few connections let reads proceed next to a write (WAL).
 const FILE_POOL_SIZE: u32 = 4;
 
-/// Extra attempts at migrating a file that another process is migrating at the same time.
+/// Extra attempts at opening or migrating a new file that another process is setting up at the
+/// same time.
 const MIGRATE_RETRIES: u32 = 8;
 
 /// Rows a connection's worker thread may read ahead of the task consuming them. Each time the
@@ -69,7 +70,23 @@ impl SqliteStore {
                 .synchronous(SqliteSynchronous::Normal);
             SqlitePoolOptions::new().max_connections(FILE_POOL_SIZE)
         };
-        let pool = pool_options.connect_with(options).await?;
+        // Processes opening a new file together race to set it up (WAL mode needs the file to
+        // themselves for a moment), and the loser is told "database is locked" at once rather
+        // than after the busy timeout: try again, as for a migration.
+        let mut attempt = 0;
+        let pool = loop {
+            match pool_options.clone().connect_with(options.clone()).await {
+                Ok(pool) => break pool,
+                Err(e) => {
+                    let e = StoreError::from(e);
+                    if attempt >= MIGRATE_RETRIES || !e.is_transient() {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+            }
+        };
         Ok(SqliteStore { pool })
     }
 }
