@@ -48,22 +48,19 @@ impl Reads {
         }
         // The merged query failed (or the task is gone): read alone, for this caller's own
         // error, or its rows if the failure was someone else's.
-        let rows = self.store.load_presence(users).await?;
-        Ok(Arc::new(rows.into_iter().map(|r| (r.user_id, r)).collect()))
+        Ok(Arc::new(
+            read_rows(self.store.clone(), users.to_vec()).await?,
+        ))
     }
 
     /// `user`'s contacts.
     pub(super) async fn contacts(&self, user: UserId) -> Result<ContactSet> {
-        if let Some(c) = self
-            .contacts
-            .read(&[user])
-            .await
-            .and_then(|all| all.get(&user).cloned())
-        {
-            return Ok(c);
-        }
-        let list = self.store.contacts_of(user).await?;
-        Ok(Arc::new(list.into_iter().collect()))
+        let all = match self.contacts.read(&[user]).await {
+            Some(all) => all,
+            // As for rows: read alone after a failed merged query.
+            None => Arc::new(read_contacts(self.store.clone(), vec![user]).await?),
+        };
+        Ok(all.get(&user).cloned().unwrap_or_default())
     }
 }
 

@@ -25,7 +25,7 @@ const FILE_POOL_SIZE: u32 = 4;
 
 /// Extra attempts at opening or migrating a new file that another process is setting up at the
 /// same time.
-const MIGRATE_RETRIES: u32 = 8;
+const SETUP_RETRIES: u32 = 8;
 
 /// Rows a connection's worker thread may read ahead of the task consuming them. Each time the
 /// buffer fills, the worker blocks until the task has drained it: with sqlx's 50, a wave of
@@ -72,22 +72,37 @@ impl SqliteStore {
         };
         // Processes opening a new file together race to set it up (WAL mode needs the file to
         // themselves for a moment), and the loser is told "database is locked" at once rather
-        // than after the busy timeout: try again, as for a migration.
-        let mut attempt = 0;
-        let pool = loop {
-            match pool_options.clone().connect_with(options.clone()).await {
-                Ok(pool) => break pool,
-                Err(e) => {
-                    let e = StoreError::from(e);
-                    if attempt >= MIGRATE_RETRIES || !e.is_transient() {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-            }
-        };
+        // than after the busy timeout.
+        let pool = beside_other_processes(
+            "opening",
+            || async { Ok(pool_options.clone().connect_with(options.clone()).await?) },
+            StoreError::is_transient,
+        )
+        .await?;
         Ok(SqliteStore { pool })
+    }
+}
+
+/// Runs a step of setting up a file that another process may be setting up at the same time,
+/// trying again (after a short, growing pause) while its error is one `retry` accepts.
+async fn beside_other_processes<T, Fut>(
+    step: &str,
+    mut run: impl FnMut() -> Fut,
+    retry: impl Fn(&StoreError) -> bool,
+) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match run().await {
+            Err(e) if attempt < SETUP_RETRIES && retry(&e) => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "{step} beside another process; retrying");
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            done => return done,
+        }
     }
 }
 
@@ -127,19 +142,17 @@ impl Store for SqliteStore {
         // SQLite has no migration lock (sqlx's is a no-op there): when processes open a new
         // file together, one's migration fails ("table presence already exists") while
         // another's commits. Each migration is one transaction, so the loser rolled back
-        // cleanly: it tries again and finds the schema applied.
-        let mut attempt = 0;
-        loop {
-            match sqlx::migrate!("./migrations/sqlite").run(&self.pool).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < MIGRATE_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "migrating beside another process; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        // cleanly: whatever it failed with, it tries again and finds the schema applied.
+        beside_other_processes(
+            "migrating",
+            || async {
+                Ok(sqlx::migrate!("./migrations/sqlite")
+                    .run(&self.pool)
+                    .await?)
+            },
+            |_| true,
+        )
+        .await
     }
 
     async fn begin_epoch(&self) -> Result<Epoch> {
