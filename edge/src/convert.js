@@ -52,11 +52,14 @@ function timestampToIso(ts) {
 }
 
 const DECIMAL = /^[1-9][0-9]{0,19}$/;
-const U64_MAX = 18446744073709551615n;
+// The contract says uint64, but the service stores ids as signed 64-bit integers: an id of 2^63 or
+// more is refused by its storage with UNAVAILABLE, which fails a whole GetPresence and makes a
+// stream retry forever. The edge treats such ids as the invalid input they are.
+const MAX_USER_ID = 2n ** 63n - 1n;
 
 /**
  * A user id as the seed's clients send it (Number, or a decimal string) → canonical decimal string,
- * or null when it is not a positive integer that fits a uint64.
+ * or null when it is not a positive integer below 2^63.
  */
 function parseUserId(value) {
   let text;
@@ -71,8 +74,24 @@ function parseUserId(value) {
   } else {
     return null;
   }
-  if (!DECIMAL.test(text) || BigInt(text) > U64_MAX) return null;
+  if (!DECIMAL.test(text) || BigInt(text) > MAX_USER_ID) return null;
   return text;
+}
+
+/** Longest device label the service accepts (characters). */
+const MAX_DEVICE_LABEL = 64;
+// Not printable: controls, format characters, lone surrogates (not encodable as UTF-8: the service
+// cannot even decode a Hello carrying one), private use, unassigned, line/paragraph separators.
+const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}]/gu;
+
+/**
+ * A device label as the service accepts it: printable characters only (whitespace runs become one
+ * space), at most 64 characters. '' when nothing printable is left (or it is not a string).
+ */
+function sanitizeDeviceLabel(value) {
+  if (typeof value !== 'string') return '';
+  const printable = value.replace(/\s+/gu, ' ').replace(NOT_PRINTABLE, '').trim();
+  return Array.from(printable).slice(0, MAX_DEVICE_LABEL).join('').trim();
 }
 
 /** UserPresence → the seed's payload, exactly { user_id, status, last_seen }. */
@@ -117,6 +136,9 @@ module.exports = {
   enumToSeedStatus,
   timestampToIso,
   parseUserId,
+  MAX_USER_ID,
+  sanitizeDeviceLabel,
+  MAX_DEVICE_LABEL,
   toSeedPresence,
   versionOf,
   decodeJwtPayload,

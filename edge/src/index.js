@@ -1,13 +1,25 @@
 'use strict';
-// `npm start`: reads the settings from the environment and runs the edge until SIGTERM/SIGINT.
-const { startEdge, IDENTITY_MODES } = require('./server');
-const { createLogger, LEVELS } = require('./log');
+// `npm start`: reads the settings from the environment (README: Settings) and runs the edge until
+// SIGTERM/SIGINT. A bad setting exits with status 2 and a message naming it.
+const { startEdge, checkOptions, IDENTITY_MODES, SettingsError } = require('./server');
+const { createLogger, LEVELS, redact } = require('./log');
 
 function fail(message) {
   process.stderr.write(`presence-edge: ${message}\n`);
   process.exit(2);
 }
 
+const FLAGS = Object.freeze({ '': false, 0: false, false: false, 1: true, true: true });
+
+/** EDGE_CORS_ORIGINS, or the deprecated EDGE_CORS_ORIGIN (same meaning) when only that is set. */
+function corsOrigins(env, warnings) {
+  if (env.EDGE_CORS_ORIGINS !== undefined) return env.EDGE_CORS_ORIGINS;
+  if (env.EDGE_CORS_ORIGIN === undefined) return undefined;
+  warnings.push('EDGE_CORS_ORIGIN is deprecated; use EDGE_CORS_ORIGINS (a comma-separated list)');
+  return env.EDGE_CORS_ORIGIN;
+}
+
+/** The edge's options from the environment; exits with a message naming a bad setting. */
 function readSettings(env) {
   const portText = env.EDGE_PORT === undefined || env.EDGE_PORT === '' ? '3000' : env.EDGE_PORT;
   if (!/^\d+$/.test(portText) || Number(portText) > 65535) fail(`EDGE_PORT must be 0-65535; got ${portText}`);
@@ -17,16 +29,28 @@ function readSettings(env) {
   if (!(logLevel in LEVELS)) fail(`EDGE_LOG_LEVEL must be one of ${Object.keys(LEVELS).join(', ')}`);
   const streamsText = env.EDGE_STREAMS_PER_CHANNEL || '1000';
   if (!/^[1-9]\d*$/.test(streamsText)) fail('EDGE_STREAMS_PER_CHANNEL must be a positive integer');
-  return {
+  const demoText = (env.EDGE_DEMO || '').trim().toLowerCase();
+  if (!(demoText in FLAGS)) fail(`EDGE_DEMO must be 1 or 0; got ${env.EDGE_DEMO}`);
+  const warnings = [];
+  const settings = {
     port: Number(portText),
     host: env.EDGE_HOST || undefined,
     target: env.PRESENCE_TARGET || '127.0.0.1:50051',
     identity,
     serviceToken: env.EDGE_SERVICE_TOKEN || undefined,
-    corsOrigin: env.EDGE_CORS_ORIGIN === undefined ? '*' : env.EDGE_CORS_ORIGIN || false,
+    corsOrigins: corsOrigins(env, warnings),
+    demo: FLAGS[demoText],
     streamsPerChannel: Number(streamsText),
     log: createLogger({ level: logLevel }),
   };
+  try {
+    checkOptions(settings); // listen address, origins, service token: fail before anything starts
+  } catch (err) {
+    if (err instanceof SettingsError) fail(err.message);
+    throw err;
+  }
+  for (const w of warnings) settings.log.warn(w);
+  return settings;
 }
 
 async function main() {
@@ -37,6 +61,7 @@ async function main() {
 
   const edge = await startEdge(settings);
   process.stdout.write(`edge listening on ${edge.port}\n`);
+  if (settings.demo) log.info(`demo page: http://${hostForUrl(edge.host)}:${edge.port}/demo/?user=1&contacts=2,3`);
 
   let stopping = false;
   const stop = (signal) => {
@@ -51,7 +76,12 @@ async function main() {
   process.on('SIGINT', () => stop('SIGINT'));
 }
 
+function hostForUrl(address) {
+  if (address === '::' || address === '0.0.0.0') return 'localhost';
+  return address.includes(':') ? `[${address}]` : address;
+}
+
 main().catch((err) => {
-  process.stderr.write(`presence-edge: ${err && err.stack}\n`);
+  process.stderr.write(`presence-edge: ${redact(err && err.stack)}\n`);
   process.exit(1);
 });

@@ -2,7 +2,8 @@
 // The edge: a socket.io 4 server speaking the seed's presence protocol to browsers and mobile
 // apps, backed by the Rust presence service (presence.v1 over gRPC). It keeps no presence state
 // of its own: each browser socket maps to one Authenticate stream, plus the last version seen per
-// user on that socket so stale or duplicate updates are dropped.
+// user on that socket so stale or duplicate updates are dropped. Who may connect at all (listen
+// address, browser origins) is decided in access.js; the optional demo page lives in demo.js.
 const http = require('node:http');
 const grpc = require('@grpc/grpc-js');
 const { Server } = require('socket.io');
@@ -11,9 +12,12 @@ const { loadPresenceProto } = require('./proto');
 const { ChannelPool } = require('./pool');
 const { DeviceSession } = require('./session');
 const { createLogger } = require('./log');
+const { SettingsError, bindHost, createOriginPolicy } = require('./access');
+const { createDemoHandler } = require('./demo');
 const {
   seedStatusToEnum,
   parseUserId,
+  sanitizeDeviceLabel,
   toSeedPresence,
   versionOf,
   decodeJwtPayload,
@@ -35,13 +39,26 @@ function describe(value) {
   }
 }
 
+/** handshake auth.device, else the User-Agent, else 'web'; printable and at most 64 characters. */
 function deviceLabel(socket) {
   const auth = socket.handshake.auth || {};
-  const fromAuth = typeof auth.device === 'string' ? auth.device.trim() : '';
-  const ua = socket.handshake.headers['user-agent'];
-  // The session trims it to the service's 64 characters.
-  return fromAuth || (typeof ua === 'string' && ua.trim()) || 'web';
+  return sanitizeDeviceLabel(auth.device) || sanitizeDeviceLabel(socket.handshake.headers['user-agent']) || 'web';
 }
+
+// What a metadata value may hold (grpc-js refuses anything else, and its error quotes the value).
+const HEADER_VALUE = /^[ -~]*$/;
+
+/** md.set(key, value), failing with an error that names the header but never quotes the value. */
+function setHeader(md, key, value) {
+  if (typeof value !== 'string' || !HEADER_VALUE.test(value)) {
+    throw new Error(`the ${key} metadata value has characters a gRPC header cannot carry`);
+  }
+  md.set(key, value);
+}
+
+/** A user JWT as it may travel in a header: three base64url segments, at most 8 KiB. */
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+const MAX_TOKEN_LENGTH = 8192;
 
 /** One browser socket. */
 class SocketBinding {
@@ -85,14 +102,15 @@ class SocketBinding {
     return this.edge.identity === 'token' ? this.socket.data.tokenUserId : this.userId;
   }
 
+  /** Call metadata acting as `userId`; throws (without quoting any value) when it cannot be built. */
   metadataFor(userId) {
     const md = new grpc.Metadata();
     if (this.edge.identity === 'token') {
       // The user's own credential; the presence service verifies it.
-      md.set('authorization', `Bearer ${this.socket.data.token}`);
+      setHeader(md, 'authorization', `Bearer ${this.socket.data.token}`);
     } else {
       this.edge.setServiceIdentity(md);
-      md.set('x-presence-user-id', userId);
+      setHeader(md, 'x-presence-user-id', userId);
     }
     return md;
   }
@@ -113,7 +131,7 @@ class SocketBinding {
     } else {
       userId = parseUserId(claimed);
       if (!userId) {
-        this.refuse('user_authenticated', 'userId must be a positive integer', { value: describe(claimed) });
+        this.refuse('user_authenticated', 'userId must be a positive integer below 2^63', { value: describe(claimed) });
         return;
       }
     }
@@ -137,7 +155,9 @@ class SocketBinding {
       onWelcome: (welcome) => this.applySnapshot(welcome),
       onPresence: (presence) => this.deliver(presence),
       onFatal: (status) => this.onSessionRefused(status),
-    }).start();
+    });
+    // Started once assigned: a refusal can come synchronously (metadata that cannot be built).
+    this.session.start();
   }
 
   onUpdateStatus(value) {
@@ -167,14 +187,7 @@ class SocketBinding {
       this.refuse('get_presence', 'emit user_authenticated first');
       return;
     }
-    const userIds = [];
-    let invalid = 0;
-    for (const id of ids) {
-      const parsed = parseUserId(id);
-      if (parsed) userIds.push(parsed);
-      else invalid += 1;
-    }
-    if (invalid) this.log.warn('get_presence: skipped invalid user ids', { ...this.fields, invalid });
+    const userIds = this.validIds(ids);
     if (userIds.length === 0) {
       this.socket.emit('presence_info', []);
       return;
@@ -183,31 +196,52 @@ class SocketBinding {
       this.refuse('get_presence', 'too many get_presence requests in flight');
       return;
     }
-    this.inflight += 1;
-    const md = this.metadataFor(actingUser);
+    let md;
+    let client;
+    try {
+      md = this.metadataFor(actingUser);
+      client = this.edge.pool.unary();
+    } catch (err) {
+      this.refuse('get_presence', `cannot call the presence service: ${err.message}`);
+      return;
+    }
+    this.callGetPresence(client, userIds, md);
+  }
+
+  /** The ids the service can answer for (positive, below 2^63); the others are skipped with a warning. */
+  validIds(ids) {
+    const valid = [];
+    for (const id of ids) {
+      const parsed = parseUserId(id);
+      if (parsed) valid.push(parsed);
+    }
+    const invalid = ids.length - valid.length;
+    if (invalid) this.log.warn('get_presence: skipped invalid user ids', { ...this.fields, invalid });
+    return valid;
+  }
+
+  /** One GetPresence, counted in flight until its callback (exactly once) or a synchronous throw. */
+  callGetPresence(client, userIds, md) {
     // Wait through a short gap (server restart) instead of failing at once.
     md.setOptions({ waitForReady: true });
     const deadline = Date.now() + GET_PRESENCE_DEADLINE_MS;
-    let client;
+    this.inflight += 1;
     try {
-      client = this.edge.pool.unary();
+      client.GetPresence({ user_ids: userIds }, md, { deadline }, (err, response) => {
+        this.inflight -= 1;
+        if (this.closed) return;
+        if (err) {
+          this.refuse('get_presence', `presence service error: ${grpc.status[err.code] || err.code}`, {
+            details: err.details,
+          });
+          return;
+        }
+        this.socket.emit('presence_info', (response.users || []).map((p) => this.fromQuery(p)));
+      });
     } catch (err) {
       this.inflight -= 1;
-      this.refuse('get_presence', 'edge is shutting down');
-      return;
+      this.refuse('get_presence', `cannot call the presence service: ${err.message}`);
     }
-    client.GetPresence({ user_ids: userIds }, md, { deadline }, (err, response) => {
-      this.inflight -= 1;
-      if (this.closed) return;
-      if (err) {
-        this.refuse('get_presence', `presence service error: ${grpc.status[err.code] || err.code}`, {
-          details: err.details,
-        });
-        return;
-      }
-      const users = (response.users || []).map((p) => this.fromQuery(p));
-      this.socket.emit('presence_info', users);
-    });
   }
 
   emitPresence(payload) {
@@ -269,7 +303,7 @@ class SocketBinding {
     this.known.clear();
     this.socket.emit(ERROR_EVENT, {
       event: 'user_authenticated',
-      message: `presence service refused the connection: ${name}`,
+      message: `presence stream refused, not retried: ${name}${status.details ? ` (${status.details})` : ''}`,
       code: name,
     });
     if (status.code === grpc.status.UNAUTHENTICATED || status.code === grpc.status.PERMISSION_DENIED) {
@@ -305,7 +339,7 @@ function tokenMiddleware(log) {
       next(new Error('unauthorized: auth.token required'));
       return;
     }
-    const claims = decodeJwtPayload(token);
+    const claims = token.length <= MAX_TOKEN_LENGTH && JWT_SHAPE.test(token) ? decodeJwtPayload(token) : null;
     const userId = claims ? parseUserId(claims.sub) : null;
     if (!userId || claims.role === 'service') {
       log.warn('connection refused: auth.token is not a user JWT', { socket: socket.id });
@@ -319,20 +353,59 @@ function tokenMiddleware(log) {
   };
 }
 
+/** The options startEdge needs checked before it listens; throws SettingsError naming the setting. */
+function checkOptions({ identity, host, serviceToken, corsOrigins }) {
+  if (!IDENTITY_MODES.includes(identity)) {
+    throw new SettingsError(`EDGE_IDENTITY: identity must be one of ${IDENTITY_MODES.join(', ')}; got ${describe(identity)}`);
+  }
+  if (serviceToken !== undefined && (typeof serviceToken !== 'string' || !HEADER_VALUE.test(serviceToken) || !serviceToken.trim())) {
+    throw new SettingsError('EDGE_SERVICE_TOKEN must be printable ASCII (it is sent as a gRPC header)');
+  }
+  return { bind: bindHost(identity, host), origins: createOriginPolicy({ identity, origins: corsOrigins }) };
+}
+
+/** Plain HTTP: /healthz, the demo page when enabled, 404 for the rest (socket.io answers its own path). */
+function createHttpHandler({ health, demo }) {
+  return (req, res) => {
+    if (req.url === '/healthz') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ status: 'ok', ...health() }));
+      return;
+    }
+    if (demo && demo(req, res)) return;
+    res.writeHead(404, { 'content-type': 'text/plain' });
+    res.end('not found\n');
+  };
+}
+
+function listen(httpServer, port, host) {
+  return new Promise((resolve, reject) => {
+    const onError = (err) => reject(err);
+    httpServer.once('error', onError);
+    httpServer.listen(port, host, () => {
+      httpServer.off('error', onError);
+      resolve(httpServer.address());
+    });
+  });
+}
+
 /**
  * Starts the edge.
  * @param {object} [options]
  * @param {number} [options.port=3000] 0 = ephemeral
- * @param {string} [options.host] default: all interfaces
+ * @param {string} [options.host] token mode: default all interfaces; trust-client mode: default
+ *   127.0.0.1, and anything but a loopback address is refused
  * @param {string} [options.target='127.0.0.1:50051'] the presence service
  * @param {'token'|'trust-client'} [options.identity='token']
  * @param {string} [options.serviceToken] service JWT (trust-client mode); unset: `x-presence-service: edge`
- * @param {string|false} [options.corsOrigin='*']
+ * @param {string|string[]} [options.corsOrigins] EDGE_CORS_ORIGINS: browser origins allowed besides
+ *   the edge's own (see access.js for the defaults)
+ * @param {boolean} [options.demo=false] serve the demo page at /demo/ (EDGE_DEMO=1)
  * @param {number} [options.streamsPerChannel=1000]
  * @param {object} [options.backoff] { initialMs, maxMs, stableMs } stream reopening
  * @param {object} [options.statusRate] { burst, refillMs } update_status budget per stream
  * @param {object} [options.log] { debug, info, warn, error }
- * @returns {Promise<{port: number, close: () => Promise<void>, stats: () => object}>}
+ * @returns {Promise<{port: number, host: string, close: () => Promise<void>, stats: () => object}>}
  */
 async function startEdge(options = {}) {
   const {
@@ -341,15 +414,14 @@ async function startEdge(options = {}) {
     target = '127.0.0.1:50051',
     identity = 'token',
     serviceToken,
-    corsOrigin = '*',
+    corsOrigins,
+    demo = false,
     streamsPerChannel = 1000,
     backoff,
     statusRate,
     log = createLogger(),
   } = options;
-  if (!IDENTITY_MODES.includes(identity)) {
-    throw new Error(`identity must be one of ${IDENTITY_MODES.join(', ')}; got ${describe(identity)}`);
-  }
+  const { bind, origins } = checkOptions({ identity, host, serviceToken, corsOrigins });
   const proto = loadPresenceProto();
   const pool = new ChannelPool(proto.Presence, target, { streamsPerChannel });
   const bindings = new Set();
@@ -361,7 +433,7 @@ async function startEdge(options = {}) {
     backoff,
     statusRate,
     setServiceIdentity(md) {
-      if (serviceToken) md.set('authorization', `Bearer ${serviceToken}`);
+      if (serviceToken) setHeader(md, 'authorization', `Bearer ${serviceToken}`);
       else md.set('x-presence-service', 'edge');
     },
   };
@@ -369,24 +441,26 @@ async function startEdge(options = {}) {
   if (identity === 'trust-client') {
     log.warn(
       'EDGE_IDENTITY=trust-client: any browser can claim any user id in user_authenticated. ' +
-        'For development and migration only; use EDGE_IDENTITY=token in production.',
+        'For development and migration only (loopback only); use EDGE_IDENTITY=token in production.',
     );
   } else if (serviceToken) {
     log.info('EDGE_IDENTITY=token: calls carry the browser user\'s own token; the service token is not used');
   }
 
-  const httpServer = http.createServer((req, res) => {
-    if (req.url === '/healthz') {
-      res.writeHead(200, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ status: 'ok', sockets: bindings.size, ...pool.stats() }));
-      return;
-    }
-    res.writeHead(404, { 'content-type': 'text/plain' });
-    res.end('not found\n');
-  });
+  const httpServer = http.createServer(
+    createHttpHandler({
+      health: () => ({ sockets: bindings.size, ...pool.stats() }),
+      demo: demo ? createDemoHandler() : null,
+    }),
+  );
   const io = new Server(httpServer, {
-    serveClient: false,
-    cors: corsOrigin ? { origin: corsOrigin } : undefined,
+    serveClient: Boolean(demo), // the demo page loads /socket.io/socket.io.min.js
+    cors: origins.cors,
+    allowRequest: (req, callback) => {
+      if (origins.allows(req)) return callback(null, true);
+      log.warn('handshake refused: origin not allowed', { origin: describe(req.headers.origin), allowed: origins.summary });
+      return callback('origin not allowed (EDGE_CORS_ORIGINS)', false);
+    },
   });
   if (identity === 'token') io.use(tokenMiddleware(log));
   io.on('connection', (socket) => {
@@ -395,16 +469,16 @@ async function startEdge(options = {}) {
     socket.on('disconnect', () => bindings.delete(binding));
   });
 
-  await new Promise((resolve, reject) => {
-    const onError = (err) => reject(err);
-    httpServer.once('error', onError);
-    httpServer.listen(port, host, () => {
-      httpServer.off('error', onError);
-      resolve();
-    });
+  const address = await listen(httpServer, port, bind);
+  log.info('edge started', {
+    port: address.port,
+    host: address.address,
+    target,
+    identity,
+    service_token: Boolean(serviceToken),
+    origins: origins.summary,
+    demo: Boolean(demo),
   });
-  const actualPort = httpServer.address().port;
-  log.info('edge started', { port: actualPort, target, identity, service_token: Boolean(serviceToken) });
 
   let closing = null;
   const close = () => {
@@ -434,7 +508,7 @@ async function startEdge(options = {}) {
     return { sockets: bindings.size, sessions, ready, ...pool.stats() };
   };
 
-  return { port: actualPort, close, stats };
+  return { port: address.port, host: address.address, close, stats };
 }
 
-module.exports = { startEdge, IDENTITY_MODES, ERROR_EVENT };
+module.exports = { startEdge, checkOptions, IDENTITY_MODES, ERROR_EVENT, SettingsError };

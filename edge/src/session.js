@@ -1,14 +1,19 @@
 'use strict';
 // One Authenticate stream = one device connection of one user, for as long as the browser socket
 // lives. If the stream ends or fails while the socket is still there (a server restart ends
-// streams with UNAVAILABLE), it is reopened with exponential backoff and jitter.
+// streams with UNAVAILABLE), it is reopened with exponential backoff and jitter — unless the
+// failure is one that no retry can fix (a refused credential, a request the service rejects, call
+// metadata that cannot even be built): that is reported once and the stream stays closed.
 const grpc = require('@grpc/grpc-js');
+const { sanitizeDeviceLabel } = require('./convert');
 
 // Retrying these cannot help: the credential or the request is wrong.
 const NON_RETRYABLE = new Set([
-  grpc.status.INVALID_ARGUMENT,
-  grpc.status.PERMISSION_DENIED,
   grpc.status.UNAUTHENTICATED,
+  grpc.status.PERMISSION_DENIED,
+  grpc.status.INVALID_ARGUMENT,
+  grpc.status.OUT_OF_RANGE,
+  grpc.status.FAILED_PRECONDITION,
   grpc.status.UNIMPLEMENTED,
 ]);
 
@@ -24,15 +29,14 @@ const DEFAULT_BACKOFF = Object.freeze({
 // over it are coalesced (the latest wins) and sent when a token is back.
 const DEFAULT_STATUS_RATE = Object.freeze({ burst: 10, refillMs: 2000 });
 
-/** Longest device label the service accepts (characters). */
-const MAX_DEVICE_LABEL = 64;
-
 class DeviceSession {
   /**
    * @param {object} o
    * @param {import('./pool').ChannelPool} o.pool
-   * @param {() => grpc.Metadata} o.metadata fresh call metadata (identity) for each (re)open
-   * @param {string} o.device label sent in Hello
+   * @param {() => grpc.Metadata} o.metadata fresh call metadata (identity) for each (re)open; if
+   *   it throws, the session ends for good (onFatal with INVALID_ARGUMENT and the error's message,
+   *   which must therefore never carry a credential)
+   * @param {string} o.device label sent in Hello (made printable and cut to 64 characters here)
    * @param {object} o.log
    * @param {object} [o.backoff]
    * @param {(welcome: object, info: {reopened: boolean}) => void} o.onWelcome
@@ -43,7 +47,7 @@ class DeviceSession {
   constructor(o) {
     this.pool = o.pool;
     this.metadata = o.metadata;
-    this.device = Array.from(String(o.device || 'web')).slice(0, MAX_DEVICE_LABEL).join('');
+    this.device = sanitizeDeviceLabel(o.device) || 'web';
     this.log = o.log;
     this.backoff = { ...DEFAULT_BACKOFF, ...(o.backoff || {}) };
     this.statusRate = { ...DEFAULT_STATUS_RATE, ...(o.statusRate || {}) };
@@ -76,11 +80,18 @@ class DeviceSession {
   _open() {
     this.timer = null;
     if (this.closed) return;
+    let metadata;
+    try {
+      metadata = this.metadata();
+    } catch (err) {
+      this._ended({ code: grpc.status.INVALID_ARGUMENT, details: `cannot build the call metadata: ${err && err.message}` }, false);
+      return;
+    }
     let lease;
     let call;
     try {
       lease = this.pool.acquire();
-      call = lease.client.Authenticate(this.metadata());
+      call = lease.client.Authenticate(metadata);
     } catch (err) {
       if (lease) lease.release();
       this._ended({ code: grpc.status.INTERNAL, details: String(err && err.message) }, false);
@@ -230,4 +241,4 @@ class DeviceSession {
   }
 }
 
-module.exports = { DeviceSession, DEFAULT_BACKOFF, DEFAULT_STATUS_RATE, MAX_DEVICE_LABEL, NON_RETRYABLE };
+module.exports = { DeviceSession, DEFAULT_BACKOFF, DEFAULT_STATUS_RATE, NON_RETRYABLE };

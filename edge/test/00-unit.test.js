@@ -2,7 +2,6 @@
 // Pure parts of the edge and its process wrapper; no presence service needed.
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
 const path = require('node:path');
 const protoLoader = require('@grpc/proto-loader');
 const {
@@ -10,10 +9,14 @@ const {
   enumToSeedStatus,
   timestampToIso,
   parseUserId,
+  sanitizeDeviceLabel,
   toSeedPresence,
   versionOf,
   decodeJwtPayload,
 } = require('../src/convert');
+const { createLogger, redact } = require('../src/log');
+const { bindHost, isLoopbackHost, parseOrigins, normalizeOrigin } = require('../src/access');
+const { runIndex, listeningPort } = require('./helpers/edge-process');
 const { PROTO_FILE, LOADER_OPTIONS, loadPresenceProto } = require('../src/proto');
 const { startEdge } = require('../src/server');
 
@@ -69,13 +72,15 @@ test('timestamps become ISO-8601 strings with milliseconds', () => {
   assert.equal(timestampToIso({ seconds: '99999999999999999', nanos: 0 }), null);
 });
 
-test('user ids: positive integers as Number or decimal string', () => {
+test('user ids: positive integers below 2^63 (the service stores signed 64-bit ids), as Number or decimal string', () => {
   assert.equal(parseUserId(42), '42');
   assert.equal(parseUserId('42'), '42');
   assert.equal(parseUserId(' 7 '), '7');
-  assert.equal(parseUserId('18446744073709551615'), '18446744073709551615');
-  for (const bad of [0, -1, 1.5, NaN, '', '042', '1e3', '18446744073709551616', null, {}, [1], true]) {
-    assert.equal(parseUserId(bad), null, JSON.stringify(bad));
+  assert.equal(parseUserId('9223372036854775807'), '9223372036854775807');
+  assert.equal(parseUserId(9223372036854775807n), '9223372036854775807');
+  const tooBig = ['9223372036854775808', 9223372036854775808n, '18446744073709551615', '18446744073709551616'];
+  for (const bad of [0, -1, 1.5, NaN, '', '042', '1e3', ...tooBig, null, {}, [1], true]) {
+    assert.equal(parseUserId(bad), null, String(bad));
   }
   assert.equal(versionOf({ version: '18446744073709551615' }), 18446744073709551615n);
   assert.equal(versionOf({}), 0n);
@@ -94,31 +99,9 @@ test('startEdge refuses an unknown identity mode', async () => {
   await assert.rejects(startEdge({ port: 0, identity: 'trust-everyone' }), /identity must be one of/);
 });
 
-function runIndex(env) {
-  const child = spawn(process.execPath, [path.join(EDGE_DIR, 'src', 'index.js')], {
-    env: { PATH: process.env.PATH, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.setEncoding('utf8').on('data', (c) => { stdout += c; });
-  child.stderr.setEncoding('utf8').on('data', (c) => { stderr += c; });
-  const exit = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
-  return { child, exit, out: () => stdout, err: () => stderr };
-}
-
 test('npm start: EDGE_PORT=0 prints `edge listening on PORT`, SIGTERM stops it cleanly', async () => {
   const run = runIndex({ EDGE_PORT: '0', PRESENCE_TARGET: '127.0.0.1:9', EDGE_IDENTITY: 'trust-client' });
-  const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line: ${run.out()} ${run.err()}`)), 10000);
-    run.child.stdout.on('data', () => {
-      const m = /^edge listening on (\d+)$/m.exec(run.out());
-      if (m) {
-        clearTimeout(timer);
-        resolve(Number(m[1]));
-      }
-    });
-  });
+  const port = await listeningPort(run);
   assert.ok(port > 0);
   const res = await fetch(`http://127.0.0.1:${port}/healthz`);
   assert.equal(res.status, 200);
@@ -136,4 +119,80 @@ test('npm start: bad settings exit with a message', async () => {
   const run2 = runIndex({ EDGE_PORT: 'abc' });
   assert.equal((await run2.exit).code, 2);
   assert.match(run2.err(), /EDGE_PORT/);
+});
+
+test('device labels are made printable and cut to 64 characters before they reach the wire', () => {
+  assert.equal(sanitizeDeviceLabel('  phone  '), 'phone');
+  assert.equal(sanitizeDeviceLabel('lap\uD800top'), 'laptop', 'lone surrogate removed');
+  assert.equal(sanitizeDeviceLabel('tab\uDC00\uD83D\uDE00'), 'tab\uD83D\uDE00', 'a real pair stays');
+  assert.equal(sanitizeDeviceLabel('a\u0000b\u0007c\u200bd'), 'abcd', 'controls and format characters removed');
+  assert.equal(sanitizeDeviceLabel('line\u2028break'), 'line break', 'line separators are whitespace');
+  assert.equal(sanitizeDeviceLabel('two\t\n words'), 'two words');
+  assert.equal(Array.from(sanitizeDeviceLabel('é'.repeat(200))).length, 64);
+  assert.equal(sanitizeDeviceLabel('\uD800\u0007'), '');
+  assert.equal(sanitizeDeviceLabel(42), '');
+});
+
+test('the logger never writes a credential, wherever it hides', () => {
+  const lines = [];
+  const log = createLogger({ level: 'debug', stream: { write: (l) => lines.push(l) } });
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const jwt = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({ sub: '42', exp: 1 })}.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg`;
+  const grpcError = new Error(`Metadata string value "Bearer ${jwt}\u00e9" contains illegal characters`);
+  log.debug('a', { error: grpcError });
+  log.info(`b Bearer ${jwt}`, { authorization: `Bearer ${jwt}`, nested: { token: 'opaque-secret', list: [jwt] } });
+  log.warn('c', { value: JSON.stringify(jwt).slice(0, 60), stack: String(grpcError.stack) });
+  log.error('d', { details: `authorization: Bearer opaque\nsecond line` });
+  const out = lines.join('');
+  for (const secret of [jwt.split('.')[1], jwt.split('.')[2], 'opaque-secret', 'opaque\\nsecond', part({ sub: '42', exp: 1 }).slice(0, 12)]) {
+    assert.ok(!out.includes(secret), `${secret} leaked:\n${out}`);
+  }
+  assert.equal(lines.length, 4);
+  assert.match(out, /\[redacted\]/);
+  // What is not a credential stays readable.
+  assert.equal(redact('target presence-service.production-cluster.local:50051'), 'target presence-service.production-cluster.local:50051');
+  assert.equal(redact('at SocketBinding.onGetPresence (/edge/src/server.js:1:2)'), 'at SocketBinding.onGetPresence (/edge/src/server.js:1:2)');
+});
+
+test('listen address: trust-client mode is loopback only', () => {
+  assert.equal(bindHost('trust-client', undefined), '127.0.0.1');
+  assert.equal(bindHost('trust-client', ''), '127.0.0.1');
+  for (const ok of ['127.0.0.1', '127.1.2.3', 'localhost', '::1', '[::1]']) assert.equal(bindHost('trust-client', ok), ok);
+  for (const bad of ['0.0.0.0', '::', '10.0.0.5', 'edge.example.com', '::ffff:10.0.0.1']) {
+    assert.throws(() => bindHost('trust-client', bad), (err) => /EDGE_HOST/.test(err.message) && /EDGE_IDENTITY/.test(err.message), bad);
+  }
+  assert.equal(bindHost('token', undefined), undefined, 'token mode: all interfaces by default');
+  assert.equal(bindHost('token', '0.0.0.0'), '0.0.0.0');
+  assert.ok(isLoopbackHost('::ffff:127.0.0.1'));
+});
+
+test('EDGE_CORS_ORIGINS: a list of http(s) origins; bad entries are named', () => {
+  assert.equal(parseOrigins(undefined, 'token'), null);
+  assert.deepEqual([...parseOrigins('https://Chat.Example.com, http://localhost:5173/ ,', 'token').list], [
+    'https://chat.example.com',
+    'http://localhost:5173',
+  ]);
+  assert.equal(parseOrigins('*', 'token').any, true);
+  assert.throws(() => parseOrigins('*', 'trust-client'), /EDGE_CORS_ORIGINS='\*' is refused with EDGE_IDENTITY=trust-client/);
+  for (const bad of ['chat.example.com', 'ftp://x.example', 'https://x.example/app', 'https://u:p@x.example', 'null']) {
+    assert.throws(() => parseOrigins(`https://ok.example,${bad}`, 'token'), new RegExp(`EDGE_CORS_ORIGINS: "${bad.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}" is not an origin`));
+  }
+  assert.equal(normalizeOrigin('https://x.example:443'), 'https://x.example');
+  assert.equal(normalizeOrigin('null'), null);
+});
+
+test('npm start: unsafe or broken access settings exit with a message naming them', async () => {
+  const cases = [
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_HOST: '0.0.0.0' }, /EDGE_HOST=0\.0\.0\.0 is not a loopback address.*EDGE_IDENTITY=trust-client/],
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_CORS_ORIGINS: '*' }, /EDGE_CORS_ORIGINS='\*'/],
+    [{ EDGE_CORS_ORIGINS: 'example.com' }, /EDGE_CORS_ORIGINS: "example\.com" is not an origin/],
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_SERVICE_TOKEN: 'abc\u00e9' }, /EDGE_SERVICE_TOKEN must be printable ASCII/],
+    [{ EDGE_DEMO: 'maybe' }, /EDGE_DEMO must be 1 or 0/],
+  ];
+  for (const [env, message] of cases) {
+    const run = runIndex({ EDGE_PORT: '0', ...env });
+    assert.equal((await run.exit).code, 2, JSON.stringify(env));
+    assert.match(run.err(), message);
+    assert.equal(run.out(), '', 'nothing listened');
+  }
 });

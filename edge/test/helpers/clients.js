@@ -59,9 +59,12 @@ class Recorder {
   }
 }
 
-/** Connects a socket.io client; resolves once connected (rejects on connect_error). */
-function connect(url, { name = 'client', auth, timeout = DEFAULT_TIMEOUT_MS } = {}) {
-  const socket = io(url, { forceNew: true, reconnection: false, auth, timeout });
+/**
+ * Connects a socket.io client; resolves once connected (rejects on connect_error). Other options
+ * (extraHeaders, transports…) go to socket.io-client as they are.
+ */
+function connect(url, { name = 'client', auth, timeout = DEFAULT_TIMEOUT_MS, ...options } = {}) {
+  const socket = io(url, { forceNew: true, reconnection: false, auth, timeout, ...options });
   const recorder = new Recorder(socket, name);
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${name}: not connected within ${timeout} ms`)), timeout);
