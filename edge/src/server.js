@@ -50,10 +50,13 @@ const HEADER_VALUE = /^[ -~]*$/;
 
 /** md.set(key, value), failing with an error that names the header but never quotes the value. */
 function setHeader(md, key, value) {
-  if (typeof value !== 'string' || !HEADER_VALUE.test(value)) {
-    throw new Error(`the ${key} metadata value has characters a gRPC header cannot carry`);
+  const refused = () => new Error(`the ${key} metadata value has characters a gRPC header cannot carry`);
+  if (typeof value !== 'string' || !HEADER_VALUE.test(value)) throw refused();
+  try {
+    md.set(key, value);
+  } catch {
+    throw refused(); // grpc-js' own message quotes the value: a token, for authorization
   }
-  md.set(key, value);
 }
 
 /** A user JWT as it may travel in a header: three base64url segments, at most 8 KiB. */
