@@ -2,35 +2,20 @@
 // 1. The seed's "Manual Testing with Socket.io Client" snippet, unchanged
 //    (test/fixtures/seed-manual-testing.js), against the edge on the seed's port 3000 in
 //    trust-client mode. It prints what the seed documentation says it prints.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
-const { startPresenceServer, serviceClients, EDGE_DIR } = require('./helpers/presence-server');
-const { connect, startTestEdge, ISO_MS } = require('./helpers/clients');
+const { EDGE_DIR } = require('./helpers/presence-server');
+const { connect, useServiceAndEdge, ISO_MS } = require('./helpers/clients');
 
 const SNIPPET = path.join(__dirname, 'fixtures', 'seed-manual-testing.js');
 const SEED_DOC = process.env.SEED_DOC || path.resolve(EDGE_DIR, '..', '..', 'shared', 'seed', 'presence-system.md');
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  // User 1 has chatted with 2 and 3; 4 is a stranger.
-  await svc.addContacts([[1, 2], [1, 3]]);
-  // The snippet hard-codes http://localhost:3000, the seed's port.
-  edge = await startTestEdge({ port: 3000, host: undefined, target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+// User 1 has chatted with 2 and 3; 4 is a stranger. The snippet hard-codes http://localhost:3000,
+// the seed's port (trust-client mode listens on 127.0.0.1 by default).
+const ctx = useServiceAndEdge({ contacts: [[1, 2], [1, 3]], edge: { port: 3000, host: undefined } });
 
 test('the fixture is the seed documentation snippet, byte for byte', (t) => {
   if (!fs.existsSync(SEED_DOC)) {
@@ -44,9 +29,9 @@ test('the fixture is the seed documentation snippet, byte for byte', (t) => {
 });
 
 test('seed manual-testing snippet runs unchanged and logs presence', async (t) => {
-  assert.equal(edge.port, 3000);
+  assert.equal(ctx.edge.port, 3000);
   // User 2 is online (on another device) before the snippet starts.
-  const two = await connect(edge.url, { name: 'user2' });
+  const two = await connect(ctx.edge.url, { name: 'user2' });
   t.after(() => two.close());
   two.socket.emit('user_authenticated', 2);
   await two.presence(1, 'offline'); // 2's Welcome snapshot: its contact 1, never seen yet

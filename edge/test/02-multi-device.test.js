@@ -7,34 +7,18 @@
 //    | Close laptop app    | []                 | Offline (last_seen saved)  |
 // "No event" is asserted after a positive control: another contact's status change reaches the
 // watcher, and only then do we check that nothing about the user arrived meanwhile.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge, ISO_MS } = require('./helpers/clients');
+const { connect, useServiceAndEdge, ISO_MS } = require('./helpers/clients');
 
 const USER = 201;
 const WATCHER = 202; // contact of USER
 const CONTROL = 203; // another contact of WATCHER, for positive controls
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[USER, WATCHER], [CONTROL, WATCHER]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[USER, WATCHER], [CONTROL, WATCHER]] });
 
 async function openDevice(userId, name) {
-  const c = await connect(edge.url, { name });
+  const c = await connect(ctx.edge.url, { name });
   c.socket.emit('user_authenticated', userId);
   return c;
 }
@@ -66,21 +50,21 @@ test('multi-device: online with the first device, offline only when the last one
   t.after(() => phone.close());
   const online = await watcher.presence(USER, 'online', { since });
   assert.deepEqual(Object.keys(online).sort(), ['last_seen', 'status', 'user_id']);
-  await svc.waitForConnections(3);
+  await ctx.svc.waitForConnections(3);
 
   // 2. Open app on laptop → no event.
   since = watcher.mark();
   const laptop = await openDevice(USER, 'laptop');
   t.after(() => laptop.close());
   await laptop.presence(WATCHER, 'online'); // the laptop's own Welcome: its stream is live
-  await svc.waitForConnections(4);
+  await ctx.svc.waitForConnections(4);
   await controlEventArrives();
   assert.deepEqual(aboutUser(since), [], 'the watcher got an event when the second device opened');
 
   // 3. Close phone app → still online, no event.
   since = watcher.mark();
   phone.close();
-  await svc.waitForConnections(3); // the service saw the phone leave
+  await ctx.svc.waitForConnections(3); // the service saw the phone leave
   await controlEventArrives();
   assert.deepEqual(aboutUser(since), [], 'the watcher got an event when one of two devices closed');
 
@@ -94,6 +78,6 @@ test('multi-device: online with the first device, offline only when the last one
   assert.match(offline.last_seen, ISO_MS);
   const lastSeen = Date.parse(offline.last_seen);
   assert.ok(lastSeen >= started - 1000 && lastSeen <= Date.now() + 1000, `last_seen ${offline.last_seen} is not now`);
-  await svc.waitForConnections(2);
+  await ctx.svc.waitForConnections(2);
   assert.deepEqual(aboutUser(since).map((d) => d.status), ['offline']);
 });

@@ -1,30 +1,14 @@
 'use strict';
 // 3. A contact receives presence_updated in the seed's exact shape; a non-contact receives nothing.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge, ISO_MS } = require('./helpers/clients');
+const { connect, useServiceAndEdge, ISO_MS } = require('./helpers/clients');
 
 const USER = 301;
 const CONTACT = 302;
 const STRANGER = 303;
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[USER, CONTACT]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[USER, CONTACT]] });
 
 function assertSeedShape(d) {
   assert.deepEqual(Object.keys(d).sort(), ['last_seen', 'status', 'user_id']);
@@ -34,8 +18,8 @@ function assertSeedShape(d) {
 }
 
 test('contacts get presence_updated in the seed shape; strangers get nothing', async (t) => {
-  const contact = await connect(edge.url, { name: 'contact' });
-  const stranger = await connect(edge.url, { name: 'stranger' });
+  const contact = await connect(ctx.edge.url, { name: 'contact' });
+  const stranger = await connect(ctx.edge.url, { name: 'stranger' });
   t.after(() => {
     contact.close();
     stranger.close();
@@ -45,9 +29,9 @@ test('contacts get presence_updated in the seed shape; strangers get nothing', a
   const snapshot = await contact.presence(USER, 'offline');
   assertSeedShape(snapshot);
   assert.deepEqual(snapshot, { user_id: USER, status: 'offline', last_seen: null });
-  await svc.waitForConnections(2); // the stranger's stream is live too
+  await ctx.svc.waitForConnections(2); // the stranger's stream is live too
 
-  const user = await connect(edge.url, { name: 'user' });
+  const user = await connect(ctx.edge.url, { name: 'user' });
   t.after(() => user.close());
   user.socket.emit('user_authenticated', USER);
   const online = await contact.presence(USER, 'online');

@@ -1,10 +1,9 @@
 'use strict';
 // 4. get_presence → presence_info in the seed's shape:
 //    [{ user_id, status: 'online'|'offline'|'away'|'busy', last_seen: ISO string or null }]
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge, ISO_MS } = require('./helpers/clients');
+const { connect, useServiceAndEdge, ISO_MS } = require('./helpers/clients');
 
 const ASKER = 401;
 const AWAY = 402; // contact, online then away
@@ -12,25 +11,10 @@ const NEVER = 403; // contact, never seen
 const GONE = 404; // contact, was online, now offline
 const STRANGER = 405; // not a contact, online
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[ASKER, AWAY], [ASKER, NEVER], [ASKER, GONE]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[ASKER, AWAY], [ASKER, NEVER], [ASKER, GONE]] });
 
 async function openDevice(userId, name) {
-  const c = await connect(edge.url, { name });
+  const c = await connect(ctx.edge.url, { name });
   c.socket.emit('user_authenticated', userId);
   return c;
 }
@@ -54,7 +38,7 @@ test('get_presence answers presence_info in the seed shape, one per id, in reque
   const beforeGone = asker.mark();
   gone.close();
   await asker.presence(GONE, 'offline', { since: beforeGone });
-  await svc.waitForConnections(3);
+  await ctx.svc.waitForConnections(3);
 
   const since = asker.mark();
   asker.socket.emit('get_presence', [AWAY, NEVER, GONE, STRANGER, AWAY]);
@@ -92,7 +76,7 @@ test('bad input is refused with presence_error, never crashes the edge', async (
   since = c.mark();
   c.socket.emit('update_status', 'dancing');
   await c.waitFor('presence_error', (e) => e.event === 'update_status', { since });
-  assert.ok(edge.log.entries.some((e) => e.level === 'warn' && /update_status ignored/.test(e.msg)));
+  assert.ok(ctx.edge.log.entries.some((e) => e.level === 'warn' && /update_status ignored/.test(e.msg)));
   // Invalid ids are skipped, the valid ones answered; an empty list answers [].
   since = c.mark();
   c.socket.emit('get_presence', [{}, -1, 'x', NEVER]);
@@ -103,7 +87,7 @@ test('bad input is refused with presence_error, never crashes the edge', async (
   c.socket.emit('get_presence', []);
   assert.deepEqual(await c.waitFor('presence_info', () => true, { since }), []);
   // Before user_authenticated there is no user to ask as.
-  const anon = await connect(edge.url, { name: 'anon' });
+  const anon = await connect(ctx.edge.url, { name: 'anon' });
   t.after(() => anon.close());
   anon.socket.emit('get_presence', [ASKER]);
   anon.socket.emit('update_status', 'away');

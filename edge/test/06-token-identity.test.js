@@ -2,11 +2,10 @@
 // 6. EDGE_IDENTITY=token against a service with PRESENCE_JWT_SECRET: browsers present user JWTs
 //    in the socket.io handshake (auth.token); the edge forwards them, so a socket that claims
 //    another user id in user_authenticated stays the token's user.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const jwt = require('jsonwebtoken');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge } = require('./helpers/clients');
+const { connect, useServiceAndEdge } = require('./helpers/clients');
 
 const SECRET = 'edge-test-secret-0123456789abcdef';
 const MALLORY = 601; // holds a valid token for 601, claims to be 602
@@ -16,31 +15,21 @@ const WITNESS = 603; // contact of both
 const userToken = (id, secret = SECRET) => jwt.sign({ sub: String(id) }, secret, { algorithm: 'HS256', expiresIn: '1h' });
 const serviceToken = (name) => jwt.sign({ sub: name, role: 'service' }, SECRET, { algorithm: 'HS256', expiresIn: '1h' });
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer({ jwtSecret: SECRET });
-  svc = serviceClients(server.target, { serviceToken: serviceToken('test') });
-  await svc.addContacts([[MALLORY, WITNESS], [VICTIM, WITNESS]]);
-  edge = await startTestEdge({ target: server.target, identity: 'token', serviceToken: serviceToken('edge') });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
+const ctx = useServiceAndEdge({
+  server: { jwtSecret: SECRET },
+  serviceToken: serviceToken('test'),
+  contacts: [[MALLORY, WITNESS], [VICTIM, WITNESS]],
+  edge: { identity: 'token', serviceToken: serviceToken('edge') },
 });
 
 test('a socket claiming another user id stays the token user', async (t) => {
-  const witness = await connect(edge.url, { name: 'witness', auth: { token: userToken(WITNESS) } });
+  const witness = await connect(ctx.edge.url, { name: 'witness', auth: { token: userToken(WITNESS) } });
   t.after(() => witness.close());
   witness.socket.emit('user_authenticated', WITNESS);
   await witness.presence(MALLORY, 'offline');
   await witness.presence(VICTIM, 'offline');
 
-  const mallory = await connect(edge.url, { name: 'mallory', auth: { token: userToken(MALLORY) } });
+  const mallory = await connect(ctx.edge.url, { name: 'mallory', auth: { token: userToken(MALLORY) } });
   t.after(() => mallory.close());
   mallory.socket.emit('user_authenticated', VICTIM);
   // Positive control: the witness learns that the token's user came online…
@@ -56,27 +45,27 @@ test('a socket claiming another user id stays the token user', async (t) => {
   // Mallory's own view is the token user's: the Welcome snapshot of 601's contacts.
   await mallory.presence(WITNESS, 'online');
   assert.ok(
-    edge.log.entries.some((e) => e.level === 'warn' && /another user than the token/.test(e.msg) && e.token_user_id === String(MALLORY)),
+    ctx.edge.log.entries.some((e) => e.level === 'warn' && /another user than the token/.test(e.msg) && e.token_user_id === String(MALLORY)),
     'the mismatch is logged',
   );
 });
 
 test('handshake without a user token is refused', async () => {
-  await assert.rejects(connect(edge.url, { name: 'anonymous' }), /unauthorized/);
-  await assert.rejects(connect(edge.url, { name: 'garbage', auth: { token: 'not-a-jwt' } }), /unauthorized/);
+  await assert.rejects(connect(ctx.edge.url, { name: 'anonymous' }), /unauthorized/);
+  await assert.rejects(connect(ctx.edge.url, { name: 'garbage', auth: { token: 'not-a-jwt' } }), /unauthorized/);
   await assert.rejects(
-    connect(edge.url, { name: 'service-token', auth: { token: serviceToken('edge') } }),
+    connect(ctx.edge.url, { name: 'service-token', auth: { token: serviceToken('edge') } }),
     /unauthorized/,
   );
 });
 
 test('a forged token (wrong signature) is refused by the service, not trusted by the edge', async (t) => {
-  const witness = await connect(edge.url, { name: 'witness2', auth: { token: userToken(WITNESS) } });
+  const witness = await connect(ctx.edge.url, { name: 'witness2', auth: { token: userToken(WITNESS) } });
   t.after(() => witness.close());
   witness.socket.emit('user_authenticated', WITNESS);
   await witness.presence(VICTIM, 'offline');
 
-  const forger = await connect(edge.url, { name: 'forger', auth: { token: userToken(VICTIM, 'wrong-secret') } });
+  const forger = await connect(ctx.edge.url, { name: 'forger', auth: { token: userToken(VICTIM, 'wrong-secret') } });
   t.after(() => forger.close());
   const disconnected = new Promise((resolve) => forger.socket.once('disconnect', resolve));
   forger.socket.emit('user_authenticated', VICTIM);

@@ -3,33 +3,17 @@
 //    effect's event handling, copied into a plain Node harness. useState is emulated; the
 //    handlers are the seed's, line for line (only the URL is the test edge's instead of
 //    http://localhost:3000, and `io` is socket.io-client as in the seed's import).
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { io } = require('socket.io-client');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge, eventually, ISO_MS } = require('./helpers/clients');
+const { connect, useServiceAndEdge, eventually, ISO_MS } = require('./helpers/clients');
 
 const ME = 701;
 const FRIEND = 702; // online, then away
 const OLD_FRIEND = 703; // was online, now offline; comes back later
 const NEW_FRIEND = 704; // never seen
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[ME, FRIEND], [ME, OLD_FRIEND], [ME, NEW_FRIEND]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[ME, FRIEND], [ME, OLD_FRIEND], [ME, NEW_FRIEND]] });
 
 /** The seed's useState, enough for the effect: a value plus a setter taking a value or an updater. */
 function useStateHarness(initial) {
@@ -98,14 +82,14 @@ function getStatusDisplay(presence) {
 
 test('the seed React ContactList effect fills and updates its presence map', async (t) => {
   // Before the component mounts: FRIEND is online, OLD_FRIEND came and went.
-  const friend = await connect(edge.url, { name: 'friend' });
+  const friend = await connect(ctx.edge.url, { name: 'friend' });
   t.after(() => friend.close());
   friend.socket.emit('user_authenticated', FRIEND);
-  const old = await connect(edge.url, { name: 'old-friend' });
+  const old = await connect(ctx.edge.url, { name: 'old-friend' });
   old.socket.emit('user_authenticated', OLD_FRIEND);
-  await svc.waitForConnections(2);
+  await ctx.svc.waitForConnections(2);
   old.close();
-  await svc.waitForConnections(1);
+  await ctx.svc.waitForConnections(1);
 
   const contacts = [
     { id: FRIEND, name: 'Friend', profile_pic: '' },
@@ -114,7 +98,7 @@ test('the seed React ContactList effect fills and updates its presence map', asy
   ];
   const [socketCell, setSocket] = useStateHarness(null);
   const [presence, setPresenceMap] = useStateHarness({});
-  const cleanup = contactListEffect({ url: edge.url, contacts, currentUserId: ME, setSocket, setPresenceMap });
+  const cleanup = contactListEffect({ url: ctx.edge.url, contacts, currentUserId: ME, setSocket, setPresenceMap });
   t.after(cleanup);
   assert.ok(socketCell.value);
   // Test instrumentation only: which events reached the component's socket.
@@ -138,7 +122,7 @@ test('the seed React ContactList effect fills and updates its presence map', asy
   // Live updates merge into the map.
   friend.socket.emit('update_status', 'away');
   await eventually(() => presence.value[FRIEND]?.status === 'away', { what: 'FRIEND away in the map' });
-  const back = await connect(edge.url, { name: 'old-friend-back' });
+  const back = await connect(ctx.edge.url, { name: 'old-friend-back' });
   t.after(() => back.close());
   back.socket.emit('user_authenticated', OLD_FRIEND);
   await eventually(() => presence.value[OLD_FRIEND]?.status === 'online', { what: 'OLD_FRIEND online in the map' });

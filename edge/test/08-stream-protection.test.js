@@ -2,35 +2,19 @@
 // The edge keeps a browser's stream alive against its own excesses: an update_status flood is
 // coalesced under the service's status rate limit (which would end the stream with
 // RESOURCE_EXHAUSTED), and over-long device labels are trimmed to what the service accepts.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge, eventually } = require('./helpers/clients');
+const { connect, useServiceAndEdge, startTestEdge, eventually } = require('./helpers/clients');
 
 const FLOODER = 801;
 const CONTACT = 802;
 const LONG_LABEL = 803;
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[FLOODER, CONTACT], [LONG_LABEL, CONTACT]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[FLOODER, CONTACT], [LONG_LABEL, CONTACT]] });
 
 test('an update_status flood is coalesced; the stream survives and the last status wins', async (t) => {
-  const contact = await connect(edge.url, { name: 'contact' });
-  const flooder = await connect(edge.url, { name: 'flooder' });
+  const contact = await connect(ctx.edge.url, { name: 'contact' });
+  const flooder = await connect(ctx.edge.url, { name: 'flooder' });
   t.after(() => {
     contact.close();
     flooder.close();
@@ -51,26 +35,26 @@ test('an update_status flood is coalesced; the stream survives and the last stat
   assert.ok(!statuses.includes('offline'), 'the flooder never dropped offline');
   assert.ok(statuses.length <= 12, `${statuses.length} changes reached the service`);
   assert.deepEqual(
-    edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)),
+    ctx.edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)),
     [],
     'the flooder stream was never ended',
   );
-  assert.equal(edge.stats().ready, 2);
+  assert.equal(ctx.edge.stats().ready, 2);
 });
 
 test('a device label longer than the service accepts is trimmed, not refused', async (t) => {
-  const contact = await connect(edge.url, { name: 'contact2' });
+  const contact = await connect(ctx.edge.url, { name: 'contact2' });
   t.after(() => contact.close());
   contact.socket.emit('user_authenticated', CONTACT);
   await contact.presence(LONG_LABEL, 'offline');
-  const device = await connect(edge.url, { name: 'long-label', auth: { device: `tablet ${'é'.repeat(200)}` } });
+  const device = await connect(ctx.edge.url, { name: 'long-label', auth: { device: `tablet ${'é'.repeat(200)}` } });
   t.after(() => device.close());
   device.socket.emit('user_authenticated', LONG_LABEL);
   await contact.presence(LONG_LABEL, 'online');
 });
 
 test('streams spill over to more gRPC connections past streamsPerChannel', async (t) => {
-  const small = await startTestEdge({ target: server.target, identity: 'trust-client', streamsPerChannel: 1 });
+  const small = await startTestEdge({ target: ctx.server.target, identity: 'trust-client', streamsPerChannel: 1 });
   t.after(() => small.close());
   const contact = await connect(small.url, { name: 'contact3' });
   const a = await connect(small.url, { name: 'flooder3' });
@@ -87,7 +71,7 @@ test('streams spill over to more gRPC connections past streamsPerChannel', async
   // FLOODER's chosen status is still 'busy' from the first test: the service persists it.
   await contact.presence(FLOODER, 'busy');
   await contact.presence(LONG_LABEL, 'online');
-  // A contact can learn of a device before that device's own Welcome reaches the edge.
+  // A contact can learn of a device before that device's own Welcome reaches the ctx.edge.
   await eventually(() => small.stats().ready === 3, { what: 'three ready streams' });
   assert.deepEqual(small.stats(), { sockets: 3, sessions: 3, ready: 3, channels: 3, streams: 3 });
 });

@@ -7,20 +7,17 @@
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const grpc = require('@grpc/grpc-js');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
 const { startFakePresence } = require('./helpers/fake-presence');
-const { connect, startTestEdge, eventually } = require('./helpers/clients');
+const { connect, startTestEdge, useServiceAndEdge, eventually } = require('./helpers/clients');
 
 const REFUSED = ['UNAUTHENTICATED', 'PERMISSION_DENIED', 'INVALID_ARGUMENT', 'OUT_OF_RANGE', 'FAILED_PRECONDITION', 'UNIMPLEMENTED'];
 const FAST_BACKOFF = { initialMs: 20, maxMs: 100 }; // a retry loop shows at once
 const CONTACT = 1001;
 const ODD_LABEL = 1002;
 
+const ctx = useServiceAndEdge({ contacts: [[ODD_LABEL, CONTACT]], edge: { backoff: FAST_BACKOFF } });
 let fake;
 let fakeEdge;
-let server;
-let svc;
-let edge;
 
 before(async () => {
   // Users 1..6 are refused with one code each; user 14 is refused once with UNAVAILABLE, then welcomed.
@@ -28,18 +25,11 @@ before(async () => {
   script['14'] = [grpc.status.UNAVAILABLE, 'welcome'];
   fake = await startFakePresence(script);
   fakeEdge = await startTestEdge({ target: fake.target, identity: 'trust-client', backoff: FAST_BACKOFF });
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[ODD_LABEL, CONTACT]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client', backoff: FAST_BACKOFF });
 });
 
 after(async () => {
   if (fakeEdge) await fakeEdge.close();
   if (fake) await fake.stop();
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
 });
 
 test('a stream refused with a non-retryable code is reported once and not reopened', async (t) => {
@@ -94,26 +84,26 @@ test('call metadata that cannot be built is reported once, not retried', async (
 });
 
 test('a device label with lone surrogates and control characters is cleaned, and the device comes online', async (t) => {
-  const contact = await connect(edge.url, { name: 'contact' });
+  const contact = await connect(ctx.edge.url, { name: 'contact' });
   t.after(() => contact.close());
   contact.socket.emit('user_authenticated', CONTACT);
   await contact.presence(ODD_LABEL, 'offline');
   // A lone surrogate cannot be encoded as UTF-8: the service cannot even decode such a Hello.
-  const device = await connect(edge.url, { name: 'odd-label', auth: { device: 'phone \uD800\u0007\u200b\uDFFF' } });
+  const device = await connect(ctx.edge.url, { name: 'odd-label', auth: { device: 'phone \uD800\u0007\u200b\uDFFF' } });
   t.after(() => device.close());
   device.socket.emit('user_authenticated', ODD_LABEL);
   await contact.presence(ODD_LABEL, 'online');
   assert.deepEqual(device.received('presence_error'), []);
-  assert.deepEqual(edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)), []);
+  assert.deepEqual(ctx.edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)), []);
 });
 
 test('user_authenticated with an id of 2^63 or more is refused as input, not retried against the service', async (t) => {
-  const c = await connect(edge.url, { name: 'huge-id' });
+  const c = await connect(ctx.edge.url, { name: 'huge-id' });
   t.after(() => c.close());
   c.socket.emit('user_authenticated', '9223372036854775808');
   const err = await c.waitFor('presence_error', (e) => e.event === 'user_authenticated');
   assert.match(err.message, /positive integer below 2\^63/);
-  assert.equal(edge.stats().sessions, 0);
+  assert.equal(ctx.edge.stats().sessions, 0);
   c.socket.emit('user_authenticated', '9223372036854775807'); // the largest id the service can store
-  await eventually(() => edge.stats().ready === 1, { what: 'a stream for the largest id' });
+  await eventually(() => ctx.edge.stats().ready === 1, { what: 'a stream for the largest id' });
 });

@@ -5,12 +5,11 @@
 // sockets go through every path that handles a token: a valid one, a token sent as the user id,
 // a forged one, an expired one, one with characters a gRPC header cannot carry, and a call whose
 // metadata grpc-js refuses (its error message quotes the value).
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const grpc = require('@grpc/grpc-js');
 const jwt = require('jsonwebtoken');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge } = require('./helpers/clients');
+const { connect, useServiceAndEdge } = require('./helpers/clients');
 const { createLogger } = require('../src/log');
 
 const SECRET = 'edge-log-test-secret-0123456789abcdef';
@@ -22,9 +21,16 @@ const serviceToken = jwt.sign({ sub: 'edge', role: 'service' }, SECRET, { algori
 
 const lines = [];
 const tokens = [serviceToken];
-let server;
-let svc;
-let edge;
+const ctx = useServiceAndEdge({
+  server: { jwtSecret: SECRET },
+  serviceToken: jwt.sign({ sub: 'test', role: 'service' }, SECRET, { algorithm: 'HS256', expiresIn: '1h' }),
+  contacts: [[ALICE, BOB]],
+  edge: {
+    identity: 'token',
+    serviceToken,
+    log: createLogger({ level: 'debug', stream: { write: (line) => lines.push(line) } }),
+  },
+});
 
 /** Pieces of a token that must never show: its payload and signature, and any 16 characters of them. */
 function fragments(token) {
@@ -36,25 +42,11 @@ function fragments(token) {
   return out;
 }
 
-before(async () => {
-  server = await startPresenceServer({ jwtSecret: SECRET });
-  svc = serviceClients(server.target, { serviceToken: jwt.sign({ sub: 'test', role: 'service' }, SECRET, { algorithm: 'HS256', expiresIn: '1h' }) });
-  await svc.addContacts([[ALICE, BOB]]);
-  const log = createLogger({ level: 'debug', stream: { write: (line) => lines.push(line) } });
-  edge = await startTestEdge({ target: server.target, identity: 'token', serviceToken, log });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
-
 test('no token reaches the log, whatever the socket does with it', async (t) => {
   // A valid token, also sent (by mistake) as the user id: logged as a mismatch, without the value.
   const alice = userToken(ALICE);
   tokens.push(alice);
-  const a = await connect(edge.url, { name: 'alice', auth: { token: alice } });
+  const a = await connect(ctx.edge.url, { name: 'alice', auth: { token: alice } });
   t.after(() => a.close());
   a.socket.emit('user_authenticated', alice);
   await a.presence(BOB, 'offline');
@@ -64,7 +56,7 @@ test('no token reaches the log, whatever the socket does with it', async (t) => 
     ['expired', userToken(BOB, { expiresIn: -60 })],
   ]) {
     tokens.push(token);
-    const c = await connect(edge.url, { name, auth: { token } });
+    const c = await connect(ctx.edge.url, { name, auth: { token } });
     t.after(() => c.close());
     c.socket.emit('user_authenticated', BOB);
     const err = await c.waitFor('presence_error', (e) => e.event === 'user_authenticated');
@@ -73,7 +65,7 @@ test('no token reaches the log, whatever the socket does with it', async (t) => 
   // A token a gRPC header cannot carry is refused at the handshake, not sent (nor quoted) later.
   const unsendable = `${userToken(BOB)}\u00e9`;
   tokens.push(unsendable);
-  const handshake = await connect(edge.url, { name: 'unsendable', auth: { token: unsendable } }).then(
+  const handshake = await connect(ctx.edge.url, { name: 'unsendable', auth: { token: unsendable } }).then(
     (c) => {
       c.close();
       return 'connected';

@@ -5,34 +5,18 @@
 // 5. An id that is a valid uint64 but 2^63 or more (the service stores signed 64-bit ids) failed
 //    the whole request (UNAVAILABLE from the service's storage); it is now skipped like any
 //    other invalid id, with the warning.
-const { test, before, after } = require('node:test');
+const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const grpc = require('@grpc/grpc-js');
-const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
-const { connect, startTestEdge } = require('./helpers/clients');
+const { connect, useServiceAndEdge } = require('./helpers/clients');
 
 const ASKER = 1201;
 const CONTACT = 1202;
 
-let server;
-let svc;
-let edge;
-
-before(async () => {
-  server = await startPresenceServer();
-  svc = serviceClients(server.target);
-  await svc.addContacts([[ASKER, CONTACT]]);
-  edge = await startTestEdge({ target: server.target, identity: 'trust-client' });
-});
-
-after(async () => {
-  if (edge) await edge.close();
-  if (svc) svc.close();
-  if (server) await server.destroy();
-});
+const ctx = useServiceAndEdge({ contacts: [[ASKER, CONTACT]] });
 
 async function asker(t, name) {
-  const c = await connect(edge.url, { name });
+  const c = await connect(ctx.edge.url, { name });
   t.after(() => c.close());
   c.socket.emit('user_authenticated', ASKER);
   await c.presence(CONTACT, 'offline'); // the stream is up (Welcome snapshot)
@@ -70,11 +54,11 @@ test('get_presence keeps working after building its metadata failed, more often 
 test('ids of 2^63 or more are skipped with a warning; the rest of the request is answered', async (t) => {
   const c = await asker(t, 'asker2');
   const since = c.mark();
-  const warnings = edge.log.entries.length;
+  const warnings = ctx.edge.log.entries.length;
   c.socket.emit('get_presence', ['9223372036854775808', CONTACT, '18446744073709551615', 'x']);
   const info = await c.waitFor('presence_info', () => true, { since });
   assert.deepEqual(info, [{ user_id: CONTACT, status: 'offline', last_seen: null }]);
   assert.deepEqual(c.received('presence_error', since), []);
-  const warning = edge.log.entries.slice(warnings).find((e) => e.msg === 'get_presence: skipped invalid user ids');
+  const warning = ctx.edge.log.entries.slice(warnings).find((e) => e.msg === 'get_presence: skipped invalid user ids');
   assert.equal(warning && warning.invalid, 3);
 });

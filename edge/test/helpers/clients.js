@@ -1,7 +1,10 @@
 'use strict';
-// socket.io clients that record every event they receive, and wait for events with a timeout.
+// socket.io clients that record every event they receive, and wait for events with a timeout; the
+// edge in-process, and the usual per-file fixture: a presence service plus an edge on it.
+const { before, after } = require('node:test');
 const { io } = require('socket.io-client');
 const { startEdge } = require('../../src/server');
+const { startPresenceServer, serviceClients } = require('./presence-server');
 
 const DEFAULT_TIMEOUT_MS = 8000;
 
@@ -97,6 +100,27 @@ async function startTestEdge(options) {
   return { ...edge, log, url: `http://127.0.0.1:${edge.port}` };
 }
 
+/**
+ * Registers this test file's before/after hooks: a presence service (`server` options, e.g.
+ * jwtSecret), service clients (`serviceToken`), the `contacts` pairs added, and an edge on it
+ * (trust-client unless `edge` says otherwise). The returned object is filled in by before().
+ */
+function useServiceAndEdge({ contacts = [], server: serverOptions, serviceToken, edge: edgeOptions } = {}) {
+  const ctx = {};
+  before(async () => {
+    ctx.server = await startPresenceServer(serverOptions);
+    ctx.svc = serviceClients(ctx.server.target, { serviceToken });
+    if (contacts.length) await ctx.svc.addContacts(contacts);
+    ctx.edge = await startTestEdge({ target: ctx.server.target, identity: 'trust-client', ...edgeOptions });
+  });
+  after(async () => {
+    if (ctx.edge) await ctx.edge.close();
+    if (ctx.svc) ctx.svc.close();
+    if (ctx.server) await ctx.server.destroy();
+  });
+  return ctx;
+}
+
 /** Polls `check` until it returns a truthy value, or fails after `timeout` ms. */
 async function eventually(check, { timeout = DEFAULT_TIMEOUT_MS, interval = 25, what = 'condition' } = {}) {
   const until = Date.now() + timeout;
@@ -110,4 +134,4 @@ async function eventually(check, { timeout = DEFAULT_TIMEOUT_MS, interval = 25, 
 
 const ISO_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 
-module.exports = { connect, Recorder, captureLogger, startTestEdge, eventually, ISO_MS, DEFAULT_TIMEOUT_MS };
+module.exports = { connect, Recorder, captureLogger, startTestEdge, useServiceAndEdge, eventually, ISO_MS, DEFAULT_TIMEOUT_MS };
