@@ -38,13 +38,14 @@ function readProcess(pid) {
 /**
  * The machine's CPU time (all cores), in clock ticks: `busy` (every process and the kernel) and,
  * within it, `irq` (hard and soft interrupts: on loopback, mostly the network stack carrying the
- * bench's own traffic, charged to no process).
+ * bench's own traffic, charged to no process); `steal`, apart, is time the hypervisor gave to
+ * other guests.
  */
 function machineTicks() {
   const line = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
   // cpu  user nice system idle iowait irq softirq steal (guest time is already in user)
   const v = line.trim().split(/\s+/).slice(1, 9).map(Number);
-  return { busy: v[0] + v[1] + v[2] + v[5] + v[6] + v[7], irq: v[5] + v[6] };
+  return { busy: v[0] + v[1] + v[2] + v[5] + v[6], irq: v[5] + v[6], steal: v[7] };
 }
 
 /** PIDs of a process's children (from /proc/PID/task/TID/children), not recursive. */
@@ -135,6 +136,7 @@ function cpuBetween(a, b) {
     groups,
     machineCores: cores(busy),
     irqCores: cores(irq),
+    stealCores: cores(b.machine.steal - a.machine.steal),
     otherCores: cores(Math.max(0, busy - irq - measured)),
   };
 }

@@ -31,6 +31,7 @@ const USAGE = `usage: node load/index.js --url URL [options]
   --drain S              after the last change, wait at most this long for deliveries (default 10)
   --workers W            generator processes (default: cores, at least 2, at most 4)
   --connect-concurrency C  sockets connecting at once, over all workers (default 200)
+  --client KIND          lean (the socket.io protocol over ws, default) or socket.io-client
   --pid NAME=PID[,PID]   a target process group to sample (repeatable), e.g. --pid edge=123
   --label TEXT           name of the target in the table and JSON
   --json FILE            write every figure as JSON
@@ -49,6 +50,7 @@ function parseCli(argv) {
       drain: { type: 'string', default: '10' },
       workers: { type: 'string' },
       'connect-concurrency': { type: 'string', default: '200' },
+      client: { type: 'string', default: 'lean' },
       pid: { type: 'string', multiple: true, default: [] },
       label: { type: 'string' },
       json: { type: 'string' },
@@ -88,6 +90,7 @@ function parseCli(argv) {
     drain: num('drain', 0),
     workers: values.workers ? num('workers', 1) : Math.max(2, Math.min(4, cores)),
     connectConcurrency: num('connect-concurrency', 1),
+    client: values.client,
     pids,
     label: values.label || values.url,
     json: values.json,
@@ -102,7 +105,9 @@ const log = (msg) => process.stderr.write(`load: ${msg}\n`);
 class Worker {
   constructor(index) {
     this.index = index;
-    this.child = fork(path.join(__dirname, 'worker.js'), [], { serialization: 'advanced', stdio: 'inherit' });
+    // LOAD_WORKER_NODE_ARGS: node flags for the workers, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
+    const execArgv = (process.env.LOAD_WORKER_NODE_ARGS || '').split(' ').filter(Boolean);
+    this.child = fork(path.join(__dirname, 'worker.js'), [], { serialization: 'advanced', stdio: 'inherit', execArgv });
     this.tick = { received: 0, outside: 0, lastEventAt: 0, sent: 0, disconnects: 0 };
     this.waiters = new Map();
     this.child.on('message', (m) => {
@@ -176,7 +181,7 @@ async function run(cfg) {
   const perUserRate = cfg.rates.length ? Math.max(...cfg.rates) / totalTogglers : 0;
   log(
     `${cfg.label}: N=${cfg.users} K=${ring.degree} rates ${cfg.rates.join(',')}/s × ${cfg.duration} s ` +
-      `(+${cfg.warmup} s warm-up), ${cfg.workers} workers; busiest toggling user changes ${perUserRate.toFixed(2)}/s`,
+      `(+${cfg.warmup} s warm-up), ${cfg.workers} workers (${cfg.client} clients); busiest toggling user changes ${perUserRate.toFixed(2)}/s`,
   );
 
   // Blocks of consecutive users, so every worker gets as many togglers (odd ids) as the others.
@@ -201,6 +206,7 @@ async function run(cfg) {
       type: 'init',
       epoch: epoch.toString(),
       url: cfg.url,
+      client: cfg.client,
       users: cfg.users,
       contacts: cfg.contacts,
       concurrency: Math.ceil(cfg.connectConcurrency / cfg.workers),
@@ -320,6 +326,7 @@ async function run(cfg) {
         machineCores: cpu.machineCores,
         irqCores: cpu.irqCores,
         otherCores: cpu.otherCores,
+        stealCores: cpu.stealCores,
       },
       rssPeakMb: Object.fromEntries(Object.entries(sampler.peaks).map(([k, v]) => [k, v / 1024])),
     };
@@ -343,6 +350,7 @@ async function run(cfg) {
       warmup: cfg.warmup,
       drain: cfg.drain,
       workers: cfg.workers,
+      client: cfg.client,
       pids: cfg.pids,
     },
     machine: { cpus: os.cpus().length, memGb: os.totalmem() / 2 ** 30, loadavg: os.loadavg() },

@@ -1,6 +1,6 @@
 'use strict';
 // One load-generator worker process (forked by load/index.js): it holds the sockets of users
-// lo..hi (one socket.io websocket each), makes its toggling users' status changes on schedule,
+// lo..hi (one socket.io websocket each, load/client.js), makes its toggling users' status changes on schedule,
 // records every `presence_updated` its sockets receive, and matches them to the changes of the
 // whole run when asked. Talks to the parent over IPC (advanced serialization: typed arrays).
 //
@@ -8,7 +8,7 @@
 // every process on the machine shares, so a change scheduled here and a receipt in another
 // worker compare directly.
 const { monitorEventLoopDelay } = require('node:perf_hooks');
-const { io } = require('socket.io-client');
+const { connect } = require('./client');
 const { Ring, isToggler } = require('../lib/ring');
 const { STATUSES, STATUS_CODE, statusOfChange, Column, indexChanges, matchReceipts } = require('./match');
 
@@ -57,37 +57,33 @@ function onPresence(receiverIndex, data) {
   state.receivedPhase += 1;
 }
 
-function connectOne(url, u) {
-  return new Promise((resolve) => {
-    const i = u - state.lo;
-    const socket = io(url, { transports: ['websocket'], forceNew: true, reconnection: false, timeout: 30000 });
-    state.sockets[i] = socket;
-    let connected = false;
-    socket.on('presence_updated', (data) => onPresence(i, data));
-    socket.on('connect', () => {
-      connected = true;
-      socket.emit('user_authenticated', u);
-      resolve(true);
+async function connectOne(kind, url, u) {
+  const i = u - state.lo;
+  try {
+    state.sockets[i] = await connect(kind, url, {
+      onEvent: (name, arg) => {
+        if (name === 'presence_updated') onPresence(i, arg);
+      },
+      onDisconnect: () => {
+        state.disconnects += 1;
+      },
     });
-    socket.on('connect_error', () => {
-      if (connected) return;
-      state.connectErrors += 1;
-      resolve(false);
-    });
-    socket.on('disconnect', () => {
-      if (connected) state.disconnects += 1;
-    });
-  });
+  } catch {
+    state.connectErrors += 1;
+    return false;
+  }
+  state.sockets[i].emit('user_authenticated', u);
+  return true;
 }
 
-async function connectAll(url, concurrency) {
+async function connectAll(kind, url, concurrency) {
   let next = state.lo;
   let ok = 0;
   const lane = async () => {
     while (next <= state.hi) {
       const u = next;
       next += 1;
-      if (await connectOne(url, u)) ok += 1;
+      if (await connectOne(kind, url, u)) ok += 1;
     }
   };
   const started = now();
@@ -164,7 +160,7 @@ const handlers = {
         disconnects: state.disconnects,
       });
     }, 200).unref();
-    const r = await connectAll(m.url, m.concurrency);
+    const r = await connectAll(m.client, m.url, m.concurrency);
     send({ type: 'connected', ...r });
   },
 
@@ -220,7 +216,7 @@ const handlers = {
 
   close() {
     clearInterval(state.ticker);
-    for (const s of state.sockets) if (s) s.disconnect();
+    for (const s of state.sockets) if (s) s.close();
     setTimeout(() => process.exit(0), 200);
   },
 };
