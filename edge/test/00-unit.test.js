@@ -16,7 +16,7 @@ const {
 } = require('../src/convert');
 const { createLogger, redact } = require('../src/log');
 const { bindHost, isLoopbackHost, parseOrigins, normalizeOrigin } = require('../src/access');
-const { runIndex, listeningPort } = require('./helpers/edge-process');
+const { runIndex, listeningPort, stopIndex } = require('./helpers/edge-process');
 const { PROTO_FILE, LOADER_OPTIONS, loadPresenceProto } = require('../src/proto');
 const { startEdge } = require('../src/server');
 
@@ -195,4 +195,14 @@ test('npm start: unsafe or broken access settings exit with a message naming the
     assert.match(run.err(), message);
     assert.equal(run.out(), '', 'nothing listened');
   }
+});
+
+test('npm start: EDGE_CORS_ORIGIN still works as a deprecated alias of EDGE_CORS_ORIGINS', async (t) => {
+  const run = runIndex({ EDGE_PORT: '0', PRESENCE_TARGET: '127.0.0.1:9', EDGE_CORS_ORIGIN: 'https://app.example.com' });
+  t.after(() => stopIndex(run));
+  const port = await listeningPort(run);
+  const handshake = (origin) => fetch(`http://127.0.0.1:${port}/socket.io/?EIO=4&transport=polling`, { headers: { origin } });
+  assert.equal((await handshake('https://app.example.com')).status, 200);
+  assert.equal((await handshake('https://other.example.com')).status, 403);
+  assert.match(run.err(), /EDGE_CORS_ORIGIN is deprecated; use EDGE_CORS_ORIGINS/);
 });
