@@ -29,6 +29,9 @@ const USAGE = `usage: node bench/edge/run.js [options]
   --mariadb-pid PID      sampled with the seed (default: pidof mariadbd / mysqld)
   --presence-env K=V     extra environment for the presence service (repeatable)
   --edge-env K=V         extra environment for the edge (repeatable)
+  --quiet-below CORES    before each target, wait until the machine's other load is below this
+                         (busy cores over 3 s; default 0.3; 0 = do not wait)
+  --quiet-wait S         wait at most this long for it (default 600), then run anyway
   --json FILE            every figure of both targets as JSON
   --keep DIR             keep logs and per-target JSON in DIR (default: a temporary directory, removed)`;
 
@@ -51,6 +54,8 @@ function parseCli(argv) {
       'edge-env': { type: 'string', multiple: true, default: [] },
       json: { type: 'string' },
       keep: { type: 'string' },
+      'quiet-below': { type: 'string', default: '0.3' },
+      'quiet-wait': { type: 'string', default: '600' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -172,12 +177,31 @@ function runLoad(cfg, { url, label, pids, jsonFile }) {
   });
 }
 
-/** The machine's CPU use (cores) over `ms`, before a target starts: what else runs here. */
-async function machineLoad(ms = 2000) {
+/** The machine's CPU use (cores) over `ms`: what else runs here before a target starts. */
+async function machineLoad(ms = 3000) {
   const a = machineTicks();
   await sleep(ms);
   const b = machineTicks();
   return (b.busy - a.busy) / ticksPerSecond() / (ms / 1000);
+}
+
+/**
+ * Others share this machine (builds, tests): waits until it is quiet enough, at most --quiet-wait
+ * seconds. Returns the last load measured (reported with the target's figures).
+ */
+async function waitQuietMachine(cfg) {
+  const below = Number(cfg['quiet-below']);
+  const deadline = Date.now() + Number(cfg['quiet-wait']) * 1000;
+  let load = await machineLoad();
+  let said = false;
+  while (below > 0 && load >= below && Date.now() < deadline) {
+    if (!said) log(`the machine is busy (${load.toFixed(2)} cores); waiting for it to fall below ${below}`);
+    said = true;
+    await sleep(5000);
+    load = await machineLoad();
+  }
+  if (below > 0 && load >= below) log(`still ${load.toFixed(2)} busy cores; running anyway`);
+  return load;
 }
 
 function pidOf(names) {
@@ -198,7 +222,7 @@ async function runSeed(cfg, dir) {
   log(`seed: database ${r.database}: ${users} users, ${r.contactsPerUser} contacts each`);
   const mariadb = cfg['mariadb-pid'] || pidOf(['mariadbd', 'mysqld']);
   if (!mariadb) log('seed: no mariadbd/mysqld pid found (--mariadb-pid); the database is not sampled');
-  const before = await machineLoad();
+  const before = await waitQuietMachine(cfg);
   const { child, match } = await startProcess('seed', process.execPath, [path.join(__dirname, 'seed', 'server.js')], {
     env: { SEED_PORT: '0', SEED_HOST: '127.0.0.1', SEED_DATABASE_URL: cfg['seed-db-url'] },
     ready: /seed listening on (\d+)/,
@@ -222,7 +246,7 @@ async function runSeed(cfg, dir) {
 async function runEdge(cfg, dir) {
   const bin = path.resolve(cfg['presence-bin']);
   if (!fs.existsSync(path.join(EDGE_DIR, 'node_modules'))) fail(`run npm ci in ${EDGE_DIR} first`);
-  const before = await machineLoad();
+  const before = await waitQuietMachine(cfg);
   const presenceEnv = {
     PRESENCE_LISTEN: '127.0.0.1:0',
     DATABASE_URL: `sqlite://${path.join(dir, 'presence.db')}`,
