@@ -32,6 +32,13 @@ class Ring {
     return out;
   }
 
+  /** Whether u and v are contacts: at most K/2 apart on the ring. */
+  isContact(u, v) {
+    if (!Number.isSafeInteger(v) || v < 1 || v > this.n || u === v) return false;
+    const d = Math.abs(u - v);
+    return Math.min(d, this.n - d) <= this.half;
+  }
+
   /** Symmetric pairs, each once. */
   get pairCount() {
     return this.n * this.half;

@@ -265,7 +265,8 @@ async function run(cfg) {
       if (received >= expectedAll) break;
       await sleep(100);
     }
-    await sleep(250);
+    // Deliveries a target sends twice or unasked also count above: a little longer for stragglers.
+    await sleep(500);
     const drainSeconds = (nowMs() - drainStart) / 1000;
 
     // Gather every change, then let each worker match its receivers' receipts.
@@ -306,6 +307,8 @@ async function run(cfg) {
       outOfOrder: sum('outOfOrder'),
       duplicates: sum('duplicates'),
       unexpected: sum('unexpected'),
+      self: sum('self'),
+      unexpectedSamples: matched.flatMap((m) => m.unexpectedSamples).slice(0, 5),
       disconnects: workers.reduce((n, w) => n + w.tick.disconnects, 0) - disconnectsBefore,
       latencyMs: {
         p50: percentile(lat, 0.5),

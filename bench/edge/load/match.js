@@ -10,7 +10,9 @@
 //     was scheduled no later than the receipt; changes jumped over are "superseded" (a newer
 //     change of that user reached the receiver instead: a target that coalesces, or a loss);
 //   - a receipt matching nothing ahead but an earlier skipped change arrived out of order;
-//   - a receipt matching nothing is a duplicate (or a re-sent snapshot).
+//   - a receipt matching nothing is a duplicate (or a re-sent snapshot);
+//   - a receipt from someone who is not the receiver's contact, or who made no change in the
+//     phase, is unexpected ("self" when it is about the receiver themselves).
 // Changes never received and with nothing newer received after them are "missing".
 
 const STATUSES = Object.freeze(['online', 'away', 'busy', 'offline']);
@@ -92,7 +94,7 @@ function matchReceipts({ receipts, changes, receivers, contactsOf, window }) {
   }
 
   const latencies = [];
-  const out = { expected: 0, delivered: 0, superseded: 0, missing: 0, outOfOrder: 0, duplicates: 0, unexpected: 0 };
+  const out = { expected: 0, delivered: 0, superseded: 0, missing: 0, outOfOrder: 0, duplicates: 0, unexpected: 0, self: 0 };
   for (const r of receivers) {
     for (const s of contactsOf(r)) {
       const c = changes.get(s);
@@ -144,8 +146,23 @@ function matchReceipts({ receipts, changes, receivers, contactsOf, window }) {
     }
   }
   // Receipts from users who are not the receiver's contacts or made no change in this phase.
-  for (const idx of groups.values()) out.unexpected += idx.length;
-  return { latencies: Float64Array.from(latencies), ...out };
+  const unexpectedSamples = [];
+  for (const [k, idx] of groups) {
+    out.unexpected += idx.length;
+    // About the receiver themselves: the seed never sends these.
+    if (Math.floor(k / 4294967296) === k % 4294967296) out.self += idx.length;
+    if (unexpectedSamples.length < 5) {
+      const i = idx[0];
+      unexpectedSamples.push({
+        receiver: receipts.receiver[i],
+        sender: receipts.sender[i],
+        status: STATUSES[receipts.status[i]] || String(receipts.status[i]),
+        t: receipts.t[i],
+        count: idx.length,
+      });
+    }
+  }
+  return { latencies: Float64Array.from(latencies), ...out, unexpectedSamples };
 }
 
 module.exports = { STATUSES, STATUS_CODE, CYCLE, statusOfChange, Column, indexChanges, matchReceipts };

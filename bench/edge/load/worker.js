@@ -54,7 +54,10 @@ function onPresence(receiverIndex, data) {
   state.receipts.sender.push(data ? Number(data.user_id) >>> 0 : 0);
   state.receipts.status.push(st === undefined ? 255 : st);
   state.receipts.t.push(t);
-  state.receivedPhase += 1;
+  // What the drain waits for: receipts that can be a change of this phase (from a toggling
+  // contact); others (unexpected) must not end it early.
+  const sender = data ? Number(data.user_id) : 0;
+  if (isToggler(sender) && state.ring.isContact(state.lo + receiverIndex, sender)) state.receivedPhase += 1;
 }
 
 async function connectOne(kind, url, u) {

@@ -11,6 +11,7 @@ test('the ring gives every user K contacts, symmetric', () => {
     assert.strictEqual(new Set(c).size, 20, 'K distinct contacts');
     assert.ok(!c.includes(u), 'never oneself');
     for (const v of c) assert.ok(ring.contacts(v).includes(u), 'links are symmetric');
+    for (let v = 0; v <= 51; v += 1) assert.strictEqual(ring.isContact(u, v), c.includes(v), `isContact(${u}, ${v})`);
   }
   let pairs = 0;
   ring.forEachPair(() => (pairs += 1));
@@ -71,4 +72,12 @@ test('only changes inside the window are counted', () => {
   const r = run([[0, 1], [1, 12], [2, 23], [3, 34]], [10, 30]);
   assert.strictEqual(r.expected, 2);
   assert.deepStrictEqual(Array.from(r.latencies), [2, 3]);
+});
+
+test('receipts about oneself or from non-contacts are unexpected', () => {
+  const changes = indexChanges({ sender: [2], status: [statusOfChange(0)], t: [0] });
+  const receipts = { receiver: [2, 2], sender: [2, 9], status: [statusOfChange(0), 0], t: [1, 2] };
+  const r = matchReceipts({ receipts, changes, receivers: [2], contactsOf: () => [1, 3], window: [0, 10] });
+  assert.strictEqual(r.unexpected, 2);
+  assert.strictEqual(r.self, 1, 'user 2 told about user 2');
 });
