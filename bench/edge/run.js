@@ -23,8 +23,8 @@ const EDGE_DIR = path.resolve(__dirname, '..', '..', 'edge');
 const USAGE = `usage: node bench/edge/run.js [options]
   --targets LIST         seed,edge (default: both; edge needs --presence-bin)
   --presence-bin PATH    the presence binary (a release build for real figures)
-  --users N --contacts K --rates R1,R2 --duration S --warmup S --drain S --workers W
-                         passed to the generator (defaults 10000, 20, 500,2000,4000, 15, 3, 10, auto)
+  --users N --contacts K --rates R1,R2 --duration S --warmup S --drain S --workers W --client KIND
+                         passed to the generator (defaults 10000, 20, 500,2000,4000, 15, 3, 10, auto, lean)
   --seed-db-url URL      default mysql://root@127.0.0.1:3306/seed_bench (database name must start with seed_)
   --mariadb-pid PID      sampled with the seed (default: pidof mariadbd / mysqld)
   --presence-env K=V     extra environment for the presence service (repeatable)
@@ -48,6 +48,7 @@ function parseCli(argv) {
       warmup: { type: 'string', default: '3' },
       drain: { type: 'string', default: '10' },
       workers: { type: 'string' },
+      client: { type: 'string', default: 'lean' },
       'seed-db-url': { type: 'string', default: process.env.SEED_DATABASE_URL || 'mysql://root@127.0.0.1:3306/seed_bench' },
       'mariadb-pid': { type: 'string' },
       'presence-env': { type: 'string', multiple: true, default: [] },
@@ -155,13 +156,14 @@ function runLoad(cfg, { url, label, pids, jsonFile }) {
   const args = [
     path.join(__dirname, 'load', 'index.js'),
     '--url', url,
-    '--label', label,
+    '--label', cfg.client === 'lean' ? label : `${label} [${cfg.client}]`,
     '--users', cfg.users,
     '--contacts', cfg.contacts,
     '--rates', cfg.rates,
     '--duration', cfg.duration,
     '--warmup', cfg.warmup,
     '--drain', cfg.drain,
+    '--client', cfg.client,
     '--json', jsonFile,
     ...Object.entries(pids).flatMap(([name, pid]) => ['--pid', `${name}=${pid}`]),
   ];
