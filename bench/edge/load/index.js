@@ -35,7 +35,8 @@ const USAGE = `usage: node load/index.js --url URL [options]
   --pid NAME=PID[,PID]   a target process group to sample (repeatable), e.g. --pid edge=123
   --label TEXT           name of the target in the table and JSON
   --json FILE            write every figure as JSON
-  --settle-timeout S     after connecting, wait at most this long for the target to go quiet (default 120)`;
+  --settle-timeout S     after connecting, and between rates, wait at most this long for the
+                         target to go quiet (default 120)`;
 
 function parseCli(argv) {
   const { values } = parseArgs({
@@ -241,7 +242,10 @@ async function run(cfg) {
 
   const phases = [];
   for (const rate of cfg.rates) {
-    await waitQuiet(workers, nowMs, 1000, 10000);
+    // An overloaded target may still be sending the previous rate's deliveries: they would count
+    // in this one (as duplicates, or matched to the wrong change). Wait them out.
+    const idleBefore = await waitQuiet(workers, nowMs, 1000, cfg.settleTimeout * 1000);
+    if (!idleBefore) log(`${rate}/s: the target still sends after ${cfg.settleTimeout} s; measuring anyway`);
     const disconnectsBefore = workers.reduce((n, w) => n + w.tick.disconnects, 0);
     sampler.resetPeaks();
     const t0 = nowMs() + 300;
@@ -297,6 +301,7 @@ async function run(cfg) {
     const measuredChanges = Array.from(changes.t).filter((t) => t >= from && t < to).length;
     const phase = {
       rate,
+      startedQuiet: idleBefore,
       changes: measuredChanges,
       expected: sum('expected'),
       delivered,
