@@ -24,7 +24,9 @@ const USAGE = `usage: node bench/edge/run.js [options]
   --targets LIST         seed,edge (default: both; edge needs --presence-bin)
   --presence-bin PATH    the presence binary (a release build for real figures)
   --users N --contacts K --rates R1,R2 --duration S --warmup S --drain S --workers W --client KIND
-                         passed to the generator (defaults 10000, 20, 500,2000,4000, 15, 3, 10, auto, lean)
+  --busy-above CORES --retry-busy N
+                         passed to the generator (defaults 10000, 20, 500,2000,4000, 15, 3, 10, auto, lean,
+                         0.25, 1)
   --seed-db-url URL      default mysql://root@127.0.0.1:3306/seed_bench (database name must start with seed_)
   --mariadb-pid PID      sampled with the seed (default: pidof mariadbd / mysqld)
   --presence-env K=V     extra environment for the presence service (repeatable)
@@ -49,6 +51,8 @@ function parseCli(argv) {
       drain: { type: 'string', default: '10' },
       workers: { type: 'string' },
       client: { type: 'string', default: 'lean' },
+      'busy-above': { type: 'string', default: '0.25' },
+      'retry-busy': { type: 'string', default: '1' },
       'seed-db-url': { type: 'string', default: process.env.SEED_DATABASE_URL || 'mysql://root@127.0.0.1:3306/seed_bench' },
       'mariadb-pid': { type: 'string' },
       'presence-env': { type: 'string', multiple: true, default: [] },
@@ -164,6 +168,8 @@ function runLoad(cfg, { url, label, pids, jsonFile }) {
     '--warmup', cfg.warmup,
     '--drain', cfg.drain,
     '--client', cfg.client,
+    '--busy-above', cfg['busy-above'],
+    '--retry-busy', cfg['retry-busy'],
     '--json', jsonFile,
     ...Object.entries(pids).flatMap(([name, pid]) => ['--pid', `${name}=${pid}`]),
   ];

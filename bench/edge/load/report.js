@@ -61,12 +61,14 @@ function formatTable(results) {
         perGroup(p.rssPeakMb, 0, names),
         idle,
         fmt(p.cpu.cores.load, 2),
-        `${fmt(p.cpu.irqCores, 2)} / ${fmt(p.cpu.otherCores, 2)}`,
+        `${fmt(p.cpu.irqCores, 2)} / ${fmt(p.cpu.otherCores, 2)}${p.cpu.otherCores >= r.config.busyAbove ? ' BUSY' : ''}`,
         fmt(Math.max(p.loadLoopDelayMs.p99 ?? 0, p.sendLagMs.p99 ?? 0), 1),
       ]);
     }
   }
-  return pad(rows);
+  const busy = results.some((r) => r.phases.some((p) => p.cpu.otherCores >= r.config.busyAbove));
+  const note = busy ? '\nBUSY: something else on the machine used that many cores during the row: its figures are not clean.' : '';
+  return pad(rows) + note;
 }
 
 module.exports = { formatTable };
