@@ -8,14 +8,16 @@
 #   2. the presence image: the one deploy/container-check.sh built (built here, niced, only when
 #      missing); the edge image: built (deploy/edge/Dockerfile);
 #   3. podman-compose up (project presence-check, high host ports); every container's healthcheck;
-#   4. end to end: a service adds contacts 1-2 through node 1; user 2's phone connects to node 2
-#      (grpcurl Authenticate); user 1's browser connects through the edge (socket.io, token mode,
-#      edge -> node 1) and sees user 2 online; user 2's stream on node 2 sees user 1 come online
-#      and go busy (node 1 -> Redis -> node 2); MariaDB holds their rows; both nodes report
-#      presence_redis_up 1 and presence_store_up 1 on /metrics;
+#   4. end to end: a service adds contacts 1-2 and 1-3 through node 1; user 2's phone connects to
+#      node 2 (grpcurl Authenticate); user 1's browser connects through the edge (socket.io, token
+#      mode, edge -> node 1), sees user 2 online and goes busy; user 3 connects to node 2. User 2
+#      must see user 1 online and busy (node 1 -> Redis -> node 2), user 1's browser must see
+#      user 3 online (node 2 -> Redis -> node 1 -> edge), both nodes must answer GetPresence the
+#      same; MariaDB holds the rows; both nodes report presence_redis_up 1, presence_store_up 1;
 #   5. podman-compose down -v (also on failure).
 # Needs edge/node_modules (socket.io-client, a dev dependency; `npm ci` in edge/ when missing).
-# Exits non-zero on any failure.
+# Exits non-zero on any failure. XFAIL_CROSS_NODE=1 reports a failure of the cross-node part of
+# step 4 without failing (a known bug being fixed), and says so when that part passes.
 set -euo pipefail
 # shellcheck source=deploy/lib/podman.sh
 source "$(dirname "$0")/lib/podman.sh"
@@ -27,19 +29,22 @@ EDGE_IMAGE=${EDGE_IMAGE:-presence-edge:latest}
 NICE=${NICE:-19}
 export PRESENCE_IMAGE EDGE_IMAGE
 export PRESENCE_JWT_SECRET=compose-check-secret-0123456789abcdef
-export PRESENCE_1_PORT=${PRESENCE_1_PORT:-56051} PRESENCE_2_PORT=${PRESENCE_2_PORT:-56052}
-export PRESENCE_1_METRICS_PORT=${PRESENCE_1_METRICS_PORT:-56091} PRESENCE_2_METRICS_PORT=${PRESENCE_2_METRICS_PORT:-56092}
-export EDGE_HOST_PORT=${EDGE_HOST_PORT:-56030}
+export PRESENCE_1_PORT=${PRESENCE_1_PORT:-27051} PRESENCE_2_PORT=${PRESENCE_2_PORT:-27052}
+export PRESENCE_1_METRICS_PORT=${PRESENCE_1_METRICS_PORT:-27091} PRESENCE_2_METRICS_PORT=${PRESENCE_2_METRICS_PORT:-27092}
+export EDGE_HOST_PORT=${EDGE_HOST_PORT:-27030}
+# Host ports below Linux's ephemeral range (32768-60999), where outgoing connections take ports.
 COMPOSE=(podman-compose -p "$PROJECT" -f deploy/compose.yaml)
 TMP=$(mktemp -d -t compose-check.XXXXXX)
 T_START=$SECONDS
 
-GRPCURL_PID=
-STREAM_FD=
+GRPCURL_PIDS=()
+STREAM_FDS=()
+EDGE_PID=
 cleanup() {
   local rc=$?
-  [ -n "$STREAM_FD" ] && exec {STREAM_FD}>&- 2>/dev/null
-  [ -n "$GRPCURL_PID" ] && kill "$GRPCURL_PID" 2>/dev/null
+  set +e
+  for fd in "${STREAM_FDS[@]}"; do exec {fd}>&- 2>/dev/null; done
+  for p in "${GRPCURL_PIDS[@]}" $EDGE_PID; do kill "$p" 2>/dev/null; done
   if [ "$rc" != 0 ]; then
     echo "--- logs (last lines of each service)" >&2
     for c in $(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}' 2>/dev/null); do
@@ -49,6 +54,7 @@ cleanup() {
   "${COMPOSE[@]}" down -v -t 25 >/dev/null 2>&1 || true
   rm -rf "$TMP"
   [ "$rc" = 0 ] || echo "compose-check: FAILED (rc=$rc)" >&2
+  exit "$rc"
 }
 trap cleanup EXIT
 
@@ -76,6 +82,9 @@ echo "$EDGE_IMAGE built in $((SECONDS - t0))s; $(( $(podman image inspect "$EDGE
 
 step "podman-compose up"
 "${COMPOSE[@]}" down -v -t 5 >/dev/null 2>&1 || true     # leftovers of an interrupted run
+for port in "$PRESENCE_1_PORT" "$PRESENCE_2_PORT" "$PRESENCE_1_METRICS_PORT" "$PRESENCE_2_METRICS_PORT" "$EDGE_HOST_PORT"; do
+  ! ss -Hltn "sport = :$port" | grep -q . || die "host port $port is taken (set PRESENCE_1_PORT, ... EDGE_HOST_PORT)"
+done
 t0=$SECONDS
 "${COMPOSE[@]}" up -d --no-build 2>&1 | grep -v -E '^[0-9a-f]{64}$' || true
 cname() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" \
@@ -88,74 +97,115 @@ done
 P1=$(cname presence-1)
 podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}\t{{.Image}}\t{{.Status}}\t{{.Ports}}'
 
-step "end to end"
+step "end to end, across both nodes and the edge"
+# Contacts 1-2 and 1-3. User 2 connects to node 2 first; user 1 comes through the edge (node 1);
+# user 3 connects to node 2 last. Each observer first sees the other user as never seen, on its
+# own node, and must then receive that user's changes decided on the other node: user 2 (node 2)
+# sees user 1 come online and go busy; user 1 (edge, node 1) sees user 3 come online.
 N1=127.0.0.1:$PRESENCE_1_PORT
 N2=127.0.0.1:$PRESENCE_2_PORT
 token() { podman exec "$P1" presence token "$@"; }
 SERVICE=$(token --service compose-check)
-USER1=$(token --user 1)
-USER2=$(token --user 2)
-grpcurl -plaintext -H "authorization: Bearer $SERVICE" -d '{"pairs":[{"user_id":1,"contact_id":2}]}' \
+grpcurl -plaintext -H "authorization: Bearer $SERVICE" \
+  -d '{"pairs":[{"user_id":1,"contact_id":2},{"user_id":1,"contact_id":3}]}' \
   "$N1" presence.v1.Contacts/AddContacts >/dev/null
-echo "contacts 1-2 added through node 1"
-mkfifo "$TMP/in"
-grpcurl -plaintext -H "authorization: Bearer $USER2" -d @ "$N2" presence.v1.Presence/Authenticate \
-  <"$TMP/in" >"$TMP/user2" 2>&1 &
-GRPCURL_PID=$!
-exec {STREAM_FD}>"$TMP/in"
-echo '{"hello":{"device":"phone"}}' >&"$STREAM_FD"
-for _ in $(seq 50); do grep -q '"welcome"' "$TMP/user2" && break; sleep 0.2; done
-grep -q '"welcome"' "$TMP/user2" || { cat "$TMP/user2"; die "user 2 got no welcome from node 2"; }
+echo "contacts 1-2, 1-3 added through node 1"
+device() { # device NAME USER NODE: an Authenticate stream held open (grpcurl, stdin a fifo)
+  mkfifo "$TMP/$1.in"
+  grpcurl -plaintext -H "authorization: Bearer $(token --user "$2")" -d @ "$3" \
+    presence.v1.Presence/Authenticate <"$TMP/$1.in" >"$TMP/$1" 2>&1 &
+  GRPCURL_PIDS+=("$!")
+  exec {fd}>"$TMP/$1.in"
+  STREAM_FDS+=("$fd")
+  echo '{"hello":{"device":"phone"}}' >&"$fd"
+  for _ in $(seq 50); do grep -q '"welcome"' "$TMP/$1" && return 0; sleep 0.2; done
+  cat "$TMP/$1"; die "$1 (user $2 on $3) got no welcome"
+}
+device user2 2 "$N2"
 echo "user 2 connected to node 2"
 
-# User 1 in a browser: socket.io through the edge (token mode) to node 1.
-EDGE_URL="http://127.0.0.1:$EDGE_HOST_PORT" TOKEN="$USER1" NODE_PATH="$REPO/edge/node_modules" node - <<'EOF'
+# User 1 in a browser: socket.io through the edge (token mode) to node 1. It prints "ready" once
+# it sees user 2 online and has gone busy, then waits for user 3.
+: >"$TMP/user1"
+EDGE_URL="http://127.0.0.1:$EDGE_HOST_PORT" TOKEN="$(token --user 1)" NODE_PATH="$REPO/edge/node_modules" \
+  node - >"$TMP/user1" 2>&1 <<'JS' &
 const { io } = require('socket.io-client');
 const socket = io(process.env.EDGE_URL, { auth: { token: process.env.TOKEN }, transports: ['websocket'] });
-const fail = (msg) => { console.error(`edge client: ${msg}`); process.exit(1); };
-const timer = setTimeout(() => fail('user 2 was not reported online within 15 s'), 15000);
+const fail = (msg) => { console.log(`FAIL ${msg}`); process.exit(1); };
+let timer = setTimeout(() => fail('user 2 was not reported online within 15 s'), 15000);
 socket.on('connect_error', (e) => fail(`connect_error ${e.message}`));
 socket.on('presence_error', (e) => fail(`presence_error ${JSON.stringify(e)}`));
 socket.on('connect', () => socket.emit('user_authenticated', 1));
 socket.on('presence_updated', (p) => {
-  if (p.user_id === 2 && p.status === 'online') {
-    console.log(`edge client (user 1 via the edge): ${JSON.stringify(p)}`);
+  console.log(`presence_updated ${JSON.stringify(p)}`);
+  if (p.user_id === 2 && p.status === 'online' && timer) {
     socket.emit('update_status', 'busy');
     clearTimeout(timer);
-    // Stay connected a moment so that the change reaches node 2 while user 1 is online.
-    setTimeout(() => { socket.close(); process.exit(0); }, 2000);
+    timer = null;
+    console.log('ready');
+    setTimeout(() => fail('user 3 (node 2) was not reported online within 15 s'), 15000);
   }
+  if (p.user_id === 3 && p.status === 'online') { socket.close(); process.exit(0); }
 });
-EOF
-python3 - "$TMP/user2" <<'EOF'
+JS
+EDGE_PID=$!
+for _ in $(seq 75); do grep -q -E '^(ready|FAIL)' "$TMP/user1" && break; sleep 0.2; done
+grep -q '^ready' "$TMP/user1" || { cat "$TMP/user1"; die "user 1 (through the edge) did not see user 2 online"; }
+echo "user 1 connected through the edge (node 1), saw user 2 online, went busy"
+device user3 3 "$N2"
+echo "user 3 connected to node 2"
+edge_rc=0; wait "$EDGE_PID" || edge_rc=$?
+received() { # received FILE: (user, status) pairs of the presence_updated messages on a stream
+  python3 - "$1" <<'PY'
 import json, re, sys
-text = open(sys.argv[1]).read()
-msgs, dec, i = [], json.JSONDecoder(), 0
-while True:
-    m = re.compile(r"\{").search(text, i)
-    if not m: break
+text, dec, i, seen = open(sys.argv[1]).read(), json.JSONDecoder(), 0, []
+while (m := re.compile(r"^\{", re.M).search(text, i)):
     try:
         obj, i = dec.raw_decode(text, m.start())
-        msgs.append(obj)
     except ValueError:
         i = m.start() + 1
-seen = [(u["userId"], u.get("status")) for m in msgs if "presenceUpdated" in m
-        for u in [m["presenceUpdated"].get("presence", m["presenceUpdated"])] if "userId" in u]
-print("user 2's stream on node 2 received:", seen)
-need = [("1", "STATUS_ONLINE"), ("1", "STATUS_BUSY")]
-missing = [n for n in need if n not in seen]
-if missing:
-    print(text[-2000:])
-    sys.exit(f"user 2 (node 2) did not receive {missing} from user 1 (edge -> node 1)")
-EOF
-echo "node 1 -> Redis -> node 2: user 1 online, then busy, reached user 2's stream"
+        continue
+    if "presenceUpdated" in obj:
+        u = obj["presenceUpdated"]
+        seen.append(f'{u.get("userId")}:{u.get("status", "")}')
+print(" ".join(seen))
+PY
+}
+got2=$(received "$TMP/user2")
+echo "user 2's stream (node 2) received: ${got2:-nothing}"
+echo "user 1's socket (edge, node 1) received: $(grep '^presence_updated' "$TMP/user1" | cut -c18- | tr '\n' ' ')"
+ok=1
+case " $got2 " in *" 1:STATUS_ONLINE "*) ;; *) ok=0; echo "FAIL: user 2 (node 2) never saw user 1 (node 1) come online" ;; esac
+case " $got2 " in *" 1:STATUS_BUSY"*) ;; *) ok=0; echo "FAIL: user 2 (node 2) never saw user 1 (node 1) go busy" ;; esac
+[ "$edge_rc" = 0 ] || { ok=0; grep '^FAIL' "$TMP/user1"; }
+# Every node answers GetPresence the same.
+for n in "$N1" "$N2"; do
+  grpcurl -plaintext -H "authorization: Bearer $SERVICE" -d '{"user_ids":[1,2,3]}' "$n" \
+    presence.v1.Presence/GetPresence | python3 -c '
+import json, sys
+for u in json.load(sys.stdin)["users"]:
+    print(u["userId"], u.get("status"), "connected" if u.get("connected") else "not-connected", end="; ")' >"$TMP/get.$n"
+  echo "GetPresence on $n: $(cat "$TMP/get.$n")"
+done
+cmp -s "$TMP/get.$N1" "$TMP/get.$N2" || { ok=0; echo "FAIL: the nodes answer GetPresence differently"; }
+if [ "$ok" != 1 ]; then
+  for n in 1 2; do
+    c=$(cname "presence-$n")
+    echo "presence-$n: $(podman logs "$c" 2>&1 | grep -o -E '"message":"[^"]*(epoch|shut down cleanly)[^"]*"[^}]*' | head -n 2 | tr '\n' ' ')"
+  done
+  [ "${XFAIL_CROSS_NODE:-0}" = 1 ] || die "presence does not reach across the nodes (see above)"
+  echo "XFAIL_CROSS_NODE=1: the failure above is a known bug; going on with the other checks"
+else
+  echo "node 1 -> Redis -> node 2 and node 2 -> Redis -> node 1 (through the edge): ok; GetPresence agrees"
+  [ "${XFAIL_CROSS_NODE:-0}" != 1 ] || echo "note: XFAIL_CROSS_NODE=1 is set but nothing failed: drop it"
+fi
 
 MARIADB=$(cname mariadb)
 rows=$(podman exec "$MARIADB" mariadb -N -upresence -ppresence-change-me presence \
   -e 'SELECT COUNT(*) FROM contacts; SELECT COUNT(*) FROM presence WHERE user_id IN (1, 2);' | tr '\n' ' ')
 echo "MariaDB: contacts rows, presence rows of users 1 and 2: $rows"
-set -- $rows
-[ "${1:-0}" -ge 2 ] && [ "${2:-0}" -ge 1 ] || die "MariaDB does not hold the contacts and presence rows"
+read -r n_contacts n_presence <<<"$rows"
+[ "${n_contacts:-0}" -ge 2 ] && [ "${n_presence:-0}" -ge 1 ] || die "MariaDB does not hold the contacts and presence rows"
 for port in "$PRESENCE_1_METRICS_PORT" "$PRESENCE_2_METRICS_PORT"; do
   m=$(curl -fsS "http://127.0.0.1:$port/metrics")
   grep -q '^presence_redis_up 1' <<<"$m" || die "node on :$port does not report presence_redis_up 1"
@@ -164,7 +214,6 @@ done
 echo "both nodes: presence_redis_up 1, presence_store_up 1"
 
 step "podman-compose down"
-exec {STREAM_FD}>&-; STREAM_FD=
 t0=$SECONDS
 "${COMPOSE[@]}" down -v -t 25 >/dev/null 2>&1
 echo "down in $((SECONDS - t0))s"
