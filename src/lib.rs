@@ -2,17 +2,22 @@
 //!
 //! The rooms, from the inside out:
 //! - [`domain`]: validated types (user ids, statuses, privacy) shared by every layer;
-//! - [`engine`]: the presence engine: connection registry, effective status, privacy
-//!   projection, fan-out to subscribers, write-behind to the store. Knows nothing of gRPC or SQL;
+//! - [`rules`]: the status rules, pure: one implementation (the cluster's Redis script mirrors
+//!   it, checked by a conformance test);
+//! - [`engine`]: the presence engine: connection registry, privacy projection, fan-out to
+//!   subscribers, write-behind to the store. Knows nothing of gRPC, SQL or Redis;
+//! - [`cluster`]: the backplane several nodes share (Redis, or memory for tests);
 //! - [`store`]: the store trait and its SQLite and MySQL backends (all SQL lives there);
 //! - [`auth`]: verified identities (JWT) and the development mode;
 //! - [`grpc`]: the thin adapter: proto ⇄ domain, identity, limits, error mapping;
 //! - [`server`]: the assembly: listeners, health, reflection, shutdown; [`settings`] and
 //!   [`telemetry`] feed it.
 pub mod auth;
+pub mod cluster;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod store;

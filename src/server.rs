@@ -13,15 +13,23 @@ use tonic_health::ServingStatus;
 use tower::Layer;
 
 use crate::auth::Verifier;
+use crate::cluster::Backplane;
+use crate::cluster::redis::{RedisBackplane, RedisConfig};
 use crate::engine::Engine;
 use crate::grpc::limits::RateLimits;
-use crate::grpc::{ContactsService, IdentityLayer, ObserveLayer, PresenceService};
+use crate::grpc::{ContactsService, IdentityLayer, ObserveLayer, PresenceService, RelayService};
 use crate::pb;
+use crate::rules::NodeId;
 use crate::settings::Settings;
 use crate::store::{self, Store};
 
 /// Health service names we report on; "" is the whole server.
-const HEALTH_NAMES: [&str; 3] = ["", "presence.v1.Presence", "presence.v1.Contacts"];
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "presence.v1.Presence",
+    "presence.v1.Contacts",
+    "presence.v1.RelayService",
+];
 
 /// A built server: the store is migrated, the engine is running and the port is bound.
 pub struct Application {
@@ -57,6 +65,26 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
             }
         }
     }
+}
+
+/// Connects to Redis, retrying (and saying so) while it does not answer.
+async fn connect_redis(node: NodeId, config: RedisConfig) -> Arc<dyn Backplane> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match RedisBackplane::connect(node.clone(), config.clone()).await {
+            Ok(b) => return Arc::new(b),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "redis unavailable at start-up; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// A fresh id for this process: its record in the store, its lease in the backplane.
+fn new_node_id() -> NodeId {
+    Arc::from(format!("{:016x}", rand::random::<u64>()).as_str())
 }
 
 /// The identity verifier the settings ask for; development mode only on a loopback listener.
@@ -95,7 +123,12 @@ impl Application {
             );
         }
         settings.metrics_addr().map_err(anyhow::Error::msg)?;
-        let engine = Engine::start(store, settings.engine()).await?;
+        let node = new_node_id();
+        let backplane = match settings.redis() {
+            Some(config) => Some(connect_redis(node.clone(), config).await),
+            None => None,
+        };
+        let engine = Engine::start(store, settings.engine(), node, backplane).await?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {} (PRESENCE_LISTEN)", settings.listen))?;
@@ -167,7 +200,17 @@ impl Application {
             health.clone(),
         ));
         let max_message = settings.max_message_bytes as usize;
-        let identified = IdentityLayer::new(verifier);
+        let identified = IdentityLayer::new(verifier.clone());
+        let relay = identified.layer(
+            pb::relay_service_server::RelayServiceServer::new(RelayService::new(
+                engine.clone(),
+                settings.request_limits(),
+                rates.clone(),
+                verifier,
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        );
         let presence = identified.layer(
             pb::presence_server::PresenceServer::new(PresenceService::new(
                 engine.clone(),
@@ -206,6 +249,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(presence)
             .add_service(contacts)
+            .add_service(relay)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             });

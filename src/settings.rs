@@ -55,8 +55,8 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_CHECKPOINT_INTERVAL_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_interval_s: u64,
 
-    /// HS256 shared secret for verifying JWTs (at least 16 bytes). Unset, together with
-    /// PRESENCE_JWT_PUBLIC_KEY, means development mode (loopback only).
+    /// HS256 shared secret for verifying JWTs (at least 32 bytes, not one repeated character).
+    /// Unset, together with PRESENCE_JWT_PUBLIC_KEY, means development mode (loopback only).
     #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -72,17 +72,30 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
+    /// Longest token lifetime accepted, in seconds: a token expiring later is refused.
+    #[arg(long, env = "PRESENCE_JWT_MAX_TTL_S", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jwt_max_ttl_s: u64,
+
     /// Status (and privacy) changes allowed per user per minute.
     #[arg(long, env = "PRESENCE_RATE_STATUS_PER_MIN", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_status_per_min: u32,
 
-    /// GetPresence ids allowed per user per minute.
+    /// GetPresence and WatchContacts ids allowed per user per minute.
     #[arg(long, env = "PRESENCE_RATE_IDS_PER_MIN", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_ids_per_min: u32,
+
+    /// Activity changes (active, idle, background) allowed per device per minute; more are
+    /// ignored and counted.
+    #[arg(long, env = "PRESENCE_RATE_ACTIVITY_PER_MIN", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_activity_per_min: u32,
 
     /// Most live devices (Authenticate streams) per user.
     #[arg(long, env = "PRESENCE_MAX_DEVICES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_devices: u32,
+
+    /// Most open WatchContacts streams per user.
+    #[arg(long, env = "PRESENCE_MAX_WATCHES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watches: u32,
 
     /// Most concurrent streams per HTTP/2 connection (an edge multiplexes many users on one).
     #[arg(long, env = "PRESENCE_MAX_STREAMS_PER_CONN", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -100,6 +113,19 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_HELLO_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub hello_timeout_s: u64,
 
+    /// Most Authenticate streams of one connection waiting for their hello at once.
+    #[arg(long, env = "PRESENCE_MAX_HELLO_PENDING_PER_CONN", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_hello_pending_per_conn: u32,
+
+    /// Most device sessions on one relay stream (RelayService).
+    #[arg(long, env = "PRESENCE_MAX_RELAY_SESSIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_relay_sessions: u64,
+
+    /// Queue length of a relay stream (all its sessions) at which queued updates are coalesced
+    /// to the newest per session and user.
+    #[arg(long, env = "PRESENCE_RELAY_QUEUE_CAPACITY", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(16..))]
+    pub relay_queue_capacity: u64,
+
     /// Queue length per receiver at which queued updates are coalesced to the newest per user.
     #[arg(long, env = "PRESENCE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_capacity: u64,
@@ -107,6 +133,10 @@ pub struct Settings {
     /// Most streams being set up at once; beyond it new streams get UNAVAILABLE with a retry hint.
     #[arg(long, env = "PRESENCE_MAX_PENDING_SETUPS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pending_setups: u64,
+
+    /// Most of those set-ups one user may hold at once (so one user cannot take them all).
+    #[arg(long, env = "PRESENCE_MAX_PENDING_SETUPS_PER_USER", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_setups_per_user: u32,
 
     /// Deliveries are released to the network in batches this often, in microseconds (0: at
     /// once). Batching lets one HTTP/2 connection write many updates in one system call.
@@ -121,8 +151,13 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_REDIS_PREFIX", default_value = "presence")]
     pub redis_prefix: String,
 
-    /// Cluster node lease, in seconds: a node silent this long is declared dead and its
-    /// devices go offline.
+    /// How long a user's state stays in Redis after their last device left, in seconds (the
+    /// node that wrote their row releases it sooner; this is the safety net).
+    #[arg(long, env = "PRESENCE_REDIS_IDLE_TTL_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_idle_ttl_s: u64,
+
+    /// Node lease, in seconds: a node silent this long is declared dead; its devices go offline
+    /// (cluster) and the rows it left online are recovered.
     #[arg(long, env = "PRESENCE_NODE_LEASE_TTL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub node_lease_ttl_s: u64,
 
@@ -213,20 +248,28 @@ impl Settings {
             flush_interval: Duration::from_millis(self.flush_interval_ms),
             checkpoint_interval: Duration::from_secs(self.checkpoint_interval_s),
             queue_capacity: self.queue_capacity as usize,
+            relay_queue_capacity: self.relay_queue_capacity as usize,
             max_devices: self.max_devices,
+            max_watches: self.max_watches,
             max_pending_setups: self.max_pending_setups as usize,
+            max_pending_setups_per_user: self.max_pending_setups_per_user,
             delivery_batch: Duration::from_micros(self.delivery_batch_us),
-            cluster: self
-                .redis_url
-                .as_ref()
-                .filter(|u| !u.trim().is_empty())
-                .map(|url| crate::engine::cluster::ClusterConfig {
-                    redis_url: url.clone(),
-                    prefix: self.redis_prefix.clone(),
-                    lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
-                }),
+            node_ttl: Duration::from_secs(self.node_lease_ttl_s),
             ..EngineConfig::default()
         }
+    }
+
+    /// The Redis backplane's settings, or None on a single node.
+    pub fn redis(&self) -> Option<crate::cluster::redis::RedisConfig> {
+        self.redis_url
+            .as_ref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|url| crate::cluster::redis::RedisConfig {
+                url: url.clone(),
+                prefix: self.redis_prefix.clone(),
+                lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
+                idle_ttl: Duration::from_secs(self.redis_idle_ttl_s),
+            })
     }
 
     pub fn request_limits(&self) -> RequestLimits {
@@ -234,6 +277,8 @@ impl Settings {
             max_ids: self.max_ids as usize,
             max_pairs: self.max_pairs as usize,
             hello_timeout: Duration::from_secs(self.hello_timeout_s),
+            max_hello_pending_per_conn: self.max_hello_pending_per_conn,
+            max_relay_sessions: self.max_relay_sessions as usize,
         }
     }
 
@@ -241,6 +286,7 @@ impl Settings {
         RateSettings {
             status_changes_per_min: self.rate_status_per_min,
             presence_ids_per_min: self.rate_ids_per_min,
+            activity_changes_per_min: self.rate_activity_per_min,
         }
     }
 
@@ -257,6 +303,7 @@ impl Settings {
             public_key_pem,
             issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
             audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
+            max_ttl: Duration::from_secs(self.jwt_max_ttl_s),
         })
     }
 

@@ -54,7 +54,7 @@ pub async fn sample_engine(
         metrics::gauge!("presence_store_up").set(if engine.store_ok() { 1.0 } else { 0.0 });
         // Only a node of a cluster has a Redis to be up or down: a single node's 1 would
         // tell an alert on this metric that a Redis exists.
-        if engine.is_clustered() {
+        if engine.is_cluster() {
             metrics::gauge!("presence_redis_up").set(if engine.cluster_ok() { 1.0 } else { 0.0 });
         }
         metrics::counter!("presence_changes_total").absolute(s.changes);

@@ -10,11 +10,16 @@ use std::io::Write;
 
 use std::sync::{Arc, Once};
 
-use presence::domain::{Privacy, Status, UserId, Visibility};
-use presence::store::{self, Epoch, MAX_ROWS_PER_STATEMENT, PresenceRow, Store, StoreError};
+use presence::domain::{CustomStatus, Privacy, Status, UserId, Visibility};
+use presence::store::{
+    self, MAX_ROWS_PER_STATEMENT, MySqlStore, PresenceRow, SqliteStore, Store, StoreError,
+};
 use sqlx::{Connection, Executor};
 
 const MYSQL_URL_VAR: &str = "PRESENCE_TEST_MYSQL_URL";
+
+/// The node the cases write rows as.
+const NODE: &str = "node-a";
 
 fn user(id: u64) -> UserId {
     UserId::parse(id).expect("test user ids are positive")
@@ -57,7 +62,7 @@ async fn migrating_twice_is_harmless(store: Arc<dyn Store>) {
         .await
         .expect("a second migration finds nothing to do");
     store
-        .upsert_presence_batch(&[row(1, 1)])
+        .upsert_presence_batch(&[row(1, 1)], NODE)
         .await
         .expect("the schema still works after migrating twice");
     assert_eq!(
@@ -87,12 +92,19 @@ async fn an_upserted_row_loads_back_with_every_field(store: Arc<dyn Store>) {
         is_online: true,
         last_seen: Some(1_700_000_000_123),
         version: 42,
+        offline_version: 17,
         epoch: 3,
         privacy: Privacy {
             online: Visibility::Everyone,
             last_seen: Visibility::Nobody,
+            approximate_last_seen: false,
         },
         checkpoint_at: Some(1_700_000_060_456),
+        custom: Some(std::sync::Arc::new(CustomStatus {
+            text: "In a meeting — 会議中".into(),
+            emoji: "📅".into(),
+            expires_at: Some(1_700_000_999_000),
+        })),
     };
     let bare = PresenceRow {
         user_id: user(8),
@@ -100,9 +112,15 @@ async fn an_upserted_row_loads_back_with_every_field(store: Arc<dyn Store>) {
         is_online: false,
         last_seen: None,
         version: 1,
+        offline_version: 0,
         epoch: 0,
         privacy: Privacy::default(),
         checkpoint_at: None,
+        custom: Some(std::sync::Arc::new(CustomStatus {
+            text: String::new(),
+            emoji: ":coffee:".into(),
+            expires_at: None,
+        })),
     };
     // 2^53 + 1 does not survive a trip through a double: ids must stay integers all the way.
     let big = PresenceRow {
@@ -110,12 +128,13 @@ async fn an_upserted_row_loads_back_with_every_field(store: Arc<dyn Store>) {
         privacy: Privacy {
             online: Visibility::Nobody,
             last_seen: Visibility::Everyone,
+            approximate_last_seen: true,
         },
         ..row((1 << 53) + 1, u64::from(u32::MAX) + 5)
     };
     let written = vec![full, bare, big];
     store
-        .upsert_presence_batch(&written)
+        .upsert_presence_batch(&written, NODE)
         .await
         .expect("upserting new rows works");
     let read = load_sorted(&*store, &users([7, 8, (1 << 53) + 1, 9])).await;
@@ -134,7 +153,7 @@ async fn an_upsert_with_a_lower_version_changes_nothing(store: Arc<dyn Store>) {
         ..row(1, 5)
     };
     store
-        .upsert_presence_batch(&[current])
+        .upsert_presence_batch(std::slice::from_ref(&current), NODE)
         .await
         .expect("first upsert works");
     let stale = PresenceRow {
@@ -145,21 +164,22 @@ async fn an_upsert_with_a_lower_version_changes_nothing(store: Arc<dyn Store>) {
         privacy: Privacy {
             online: Visibility::Nobody,
             last_seen: Visibility::Nobody,
+            approximate_last_seen: false,
         },
         checkpoint_at: Some(6_000),
         ..row(1, 4)
     };
     store
-        .upsert_presence_batch(&[stale])
+        .upsert_presence_batch(&[stale], NODE)
         .await
         .expect("a stale upsert is not an error");
     assert_eq!(
         load_one(&*store, 1).await,
-        Some(current),
+        Some(current.clone()),
         "a lower version must not change any column, not even last_seen or checkpoint"
     );
     store
-        .upsert_presence_batch(&[current])
+        .upsert_presence_batch(std::slice::from_ref(&current), NODE)
         .await
         .expect("replaying the same row works");
     assert_eq!(
@@ -175,7 +195,7 @@ async fn last_seen_never_moves_backwards(store: Arc<dyn Store>) {
         ..row(1, 1)
     };
     store
-        .upsert_presence_batch(&[first])
+        .upsert_presence_batch(std::slice::from_ref(&first), NODE)
         .await
         .expect("first upsert works");
 
@@ -185,7 +205,7 @@ async fn last_seen_never_moves_backwards(store: Arc<dyn Store>) {
         ..row(1, 2)
     };
     store
-        .upsert_presence_batch(&[older])
+        .upsert_presence_batch(&[older], NODE)
         .await
         .expect("second upsert works");
     let read = load_one(&*store, 1).await.expect("the row exists");
@@ -202,7 +222,7 @@ async fn last_seen_never_moves_backwards(store: Arc<dyn Store>) {
     );
 
     store
-        .upsert_presence_batch(&[row(1, 3)])
+        .upsert_presence_batch(&[row(1, 3)], NODE)
         .await
         .expect("third upsert works");
     let read = load_one(&*store, 1).await.expect("the row exists");
@@ -217,7 +237,7 @@ async fn last_seen_never_moves_backwards(store: Arc<dyn Store>) {
         ..row(1, 4)
     };
     store
-        .upsert_presence_batch(&[newer])
+        .upsert_presence_batch(&[newer], NODE)
         .await
         .expect("fourth upsert works");
     let read = load_one(&*store, 1).await.expect("the row exists");
@@ -241,7 +261,7 @@ async fn twelve_hundred_rows_are_written_in_batches_of_at_most_five_hundred(stor
         .collect();
     for batch in written.chunks(MAX_ROWS_PER_STATEMENT) {
         store
-            .upsert_presence_batch(batch)
+            .upsert_presence_batch(batch, NODE)
             .await
             .expect("a batch of at most 500 rows is accepted");
     }
@@ -258,54 +278,91 @@ async fn twelve_hundred_rows_are_written_in_batches_of_at_most_five_hundred(stor
     );
 }
 
-async fn the_first_epoch_of_a_fresh_database_is_zero_and_clean(store: Arc<dyn Store>) {
-    let epoch = store.begin_epoch().await.expect("begin_epoch works");
+async fn a_fresh_database_starts_at_epoch_zero_and_registers_nodes(store: Arc<dyn Store>) {
     assert_eq!(
-        epoch,
-        Epoch {
-            number: 0,
-            previous_run_crashed: false
-        },
-        "a fresh database has no crashed run behind it"
+        store
+            .register_node("a", 1_000)
+            .await
+            .expect("registering works"),
+        0
+    );
+    assert_eq!(
+        store
+            .register_node("b", 1_001)
+            .await
+            .expect("registering works"),
+        0
+    );
+    let mut open: Vec<(String, i64)> = store
+        .open_nodes()
+        .await
+        .expect("listing nodes works")
+        .into_iter()
+        .map(|r| (r.node, r.heartbeat_ms))
+        .collect();
+    open.sort();
+    assert_eq!(open, vec![("a".into(), 1_000), ("b".into(), 1_001)]);
+    assert_eq!(
+        store
+            .heartbeat("a", 5_000)
+            .await
+            .expect("a heartbeat works"),
+        0
+    );
+    let a = store
+        .open_nodes()
+        .await
+        .expect("listing nodes works")
+        .into_iter()
+        .find(|r| r.node == "a")
+        .expect("a is open");
+    assert_eq!(a.heartbeat_ms, 5_000, "the heartbeat is recorded");
+}
+
+async fn a_clean_stop_closes_only_that_nodes_record(store: Arc<dyn Store>) {
+    store.register_node("a", 1_000).await.expect("a starts");
+    store.register_node("b", 1_000).await.expect("b starts");
+    store.stop_node("a", 2_000).await.expect("a stops cleanly");
+    let open: Vec<String> = store
+        .open_nodes()
+        .await
+        .expect("listing nodes works")
+        .into_iter()
+        .map(|r| r.node)
+        .collect();
+    assert_eq!(
+        open,
+        vec!["b".to_string()],
+        "a clean stop closes a's record, not b's"
+    );
+    assert_eq!(
+        store.register_node("c", 3_000).await.expect("c starts"),
+        0,
+        "starts and clean stops never move the epoch"
     );
 }
 
-async fn a_clean_shutdown_keeps_the_epoch(store: Arc<dyn Store>) {
-    store.begin_epoch().await.expect("first run starts");
+async fn a_heartbeat_registers_a_node_whose_record_is_gone(store: Arc<dyn Store>) {
     store
-        .mark_clean_shutdown()
+        .heartbeat("ghost", 1_000)
         .await
-        .expect("first run stops cleanly");
-    let epoch = store.begin_epoch().await.expect("second run starts");
-    assert_eq!(
-        epoch,
-        Epoch {
-            number: 0,
-            previous_run_crashed: false
-        },
-        "after a clean shutdown the epoch stays"
-    );
-
-    // A crash, then a clean run: the bumped epoch is kept by the clean one.
-    let epoch = store.begin_epoch().await.expect("third run starts");
-    assert_eq!(epoch.number, 1, "the second run did not stop cleanly");
-    store
-        .mark_clean_shutdown()
-        .await
-        .expect("third run stops cleanly");
-    let epoch = store.begin_epoch().await.expect("fourth run starts");
-    assert_eq!(
-        epoch,
-        Epoch {
-            number: 1,
-            previous_run_crashed: false
-        },
-        "a clean shutdown after a crash keeps the bumped epoch"
+        .expect("a heartbeat works");
+    assert!(
+        store
+            .open_nodes()
+            .await
+            .expect("listing nodes works")
+            .iter()
+            .any(|r| r.node == "ghost"),
+        "the heartbeat re-created the record"
     );
 }
 
-async fn a_crash_bumps_the_epoch_and_sets_rows_left_online_offline(store: Arc<dyn Store>) {
-    store.begin_epoch().await.expect("first run starts");
+async fn recovering_a_crashed_node_touches_only_the_rows_it_left_online(store: Arc<dyn Store>) {
+    store
+        .register_node("dead", 1_000)
+        .await
+        .expect("the crashed node had started");
     let checkpointed = PresenceRow {
         chosen: Status::Busy,
         is_online: true,
@@ -328,41 +385,82 @@ async fn a_crash_bumps_the_epoch_and_sets_rows_left_online_offline(store: Arc<dy
         checkpoint_at: Some(4_000),
         ..row(4, 1)
     };
+    let elsewhere = PresenceRow {
+        is_online: true,
+        last_seen: Some(2_500),
+        ..row(5, 9)
+    };
     store
-        .upsert_presence_batch(&[
-            checkpointed,
-            never_checkpointed,
-            offline,
-            reconnected_after_checkpoint,
-        ])
+        .upsert_presence_batch(
+            &[
+                checkpointed.clone(),
+                never_checkpointed.clone(),
+                offline.clone(),
+                reconnected_after_checkpoint.clone(),
+            ],
+            "dead",
+        )
         .await
-        .expect("rows are written");
+        .expect("the crashed node's rows are written");
+    store
+        .upsert_presence_batch(std::slice::from_ref(&elsewhere), "alive")
+        .await
+        .expect("another node's row is written");
     store
         .checkpoint_online(&[user(1)], 5_000)
         .await
         .expect("checkpoint works");
 
-    // No mark_clean_shutdown: the run crashed.
-    let epoch = store.begin_epoch().await.expect("the next run starts");
-    assert_eq!(
-        epoch,
-        Epoch {
-            number: 1,
-            previous_run_crashed: true
-        },
-        "a run without a clean shutdown is a crash and bumps the epoch"
+    assert!(
+        store
+            .claim_recovery("dead", "rescuer", None)
+            .await
+            .expect("claiming works"),
+        "the first claim wins"
     );
-
-    let read = load_sorted(&*store, &users([1, 2, 3, 4])).await;
-    let expected_checkpointed = PresenceRow {
-        is_online: false,
-        last_seen: Some(5_000),
-        version: 4,
-        checkpoint_at: Some(5_000),
-        ..checkpointed
-    };
+    assert!(
+        !store
+            .claim_recovery("dead", "other", None)
+            .await
+            .expect("claiming works"),
+        "a recovery is claimed once"
+    );
+    let left = store
+        .left_online_by("dead", None, 2)
+        .await
+        .expect("listing works");
     assert_eq!(
-        read[0], expected_checkpointed,
+        left,
+        users([1, 2]),
+        "the dead node's online rows, ascending, paged"
+    );
+    let rest = store
+        .left_online_by("dead", Some(user(2)), 10)
+        .await
+        .expect("listing works");
+    assert_eq!(rest, users([4]), "the next page starts after the cursor");
+    store
+        .recover_rows("dead", &users([1, 2, 4, 5]))
+        .await
+        .expect("recovering works");
+    let epoch = store.bump_epoch().await.expect("the epoch rises");
+    assert_eq!(epoch, 1, "a crash raises the epoch by one");
+    store
+        .finish_recovery("dead", 6_000)
+        .await
+        .expect("finishing works");
+
+    let read = load_sorted(&*store, &users([1, 2, 3, 4, 5])).await;
+    assert_eq!(
+        read[0],
+        PresenceRow {
+            is_online: false,
+            last_seen: Some(5_000),
+            version: 4,
+            offline_version: 1,
+            checkpoint_at: Some(5_000),
+            ..checkpointed
+        },
         "a row left online goes offline, last seen at its checkpoint, one version up"
     );
     assert_eq!(
@@ -370,13 +468,10 @@ async fn a_crash_bumps_the_epoch_and_sets_rows_left_online_offline(store: Arc<dy
         PresenceRow {
             is_online: false,
             version: 8,
+            offline_version: 1,
             ..never_checkpointed
         },
         "without a checkpoint, last_seen stays what it was"
-    );
-    assert_eq!(
-        read[0].epoch, 0,
-        "the epoch column keeps the numbering of the run that wrote the version"
     );
     assert_eq!(read[2], offline, "a row that was offline is left alone");
     assert_eq!(
@@ -384,25 +479,95 @@ async fn a_crash_bumps_the_epoch_and_sets_rows_left_online_offline(store: Arc<dy
         PresenceRow {
             is_online: false,
             version: 2,
+            offline_version: 1,
             ..reconnected_after_checkpoint
         },
         "an older checkpoint does not move last_seen backwards"
     );
+    assert_eq!(
+        read[4], elsewhere,
+        "a row another node wrote is not the dead node's to recover"
+    );
+    assert!(
+        store
+            .open_nodes()
+            .await
+            .expect("listing nodes works")
+            .iter()
+            .all(|r| r.node != "dead"),
+        "a finished recovery closes the record"
+    );
+    assert!(
+        store
+            .left_online_by("dead", None, 10)
+            .await
+            .expect("listing works")
+            .is_empty(),
+        "nothing is left online by the recovered node"
+    );
+}
 
-    let epoch = store.begin_epoch().await.expect("a third run starts");
-    assert_eq!(
-        epoch,
-        Epoch {
-            number: 2,
-            previous_run_crashed: true
-        },
-        "crashing again bumps again"
+async fn a_recovery_whose_claimer_died_is_taken_over(store: Arc<dyn Store>) {
+    store
+        .register_node("dead", 1_000)
+        .await
+        .expect("the crashed node had started");
+    assert!(
+        store
+            .claim_recovery("dead", "first", None)
+            .await
+            .expect("claiming works")
     );
-    assert_eq!(
-        load_one(&*store, 1).await,
-        Some(expected_checkpointed),
-        "rows already recovered are not recovered twice"
+    assert!(
+        !store
+            .claim_recovery("dead", "second", Some("someone"))
+            .await
+            .expect("claiming works"),
+        "a take-over names the claimer it replaces"
     );
+    assert!(
+        store
+            .claim_recovery("dead", "second", Some("first"))
+            .await
+            .expect("claiming works"),
+        "the claim of a dead claimer is taken over"
+    );
+    let record = store
+        .open_nodes()
+        .await
+        .expect("listing nodes works")
+        .into_iter()
+        .find(|r| r.node == "dead")
+        .expect("the record is open until the recovery finishes");
+    assert_eq!(record.recovered_by.as_deref(), Some("second"));
+}
+
+async fn custom_statuses_due_are_listed_soonest_first(store: Arc<dyn Store>) {
+    let with_expiry = |id, at| PresenceRow {
+        custom: Some(std::sync::Arc::new(CustomStatus {
+            text: "away".into(),
+            emoji: String::new(),
+            expires_at: at,
+        })),
+        ..row(id, 1)
+    };
+    store
+        .upsert_presence_batch(
+            &[
+                with_expiry(1, Some(3_000)),
+                with_expiry(2, Some(1_000)),
+                with_expiry(3, None),
+                with_expiry(4, Some(9_000)),
+            ],
+            NODE,
+        )
+        .await
+        .expect("rows are written");
+    let due = store
+        .custom_expiring(5_000, 10)
+        .await
+        .expect("listing works");
+    assert_eq!(due, vec![(user(2), 1_000), (user(1), 3_000)]);
 }
 
 async fn checkpoint_online_stamps_only_the_given_users(store: Arc<dyn Store>) {
@@ -411,7 +576,7 @@ async fn checkpoint_online_stamps_only_the_given_users(store: Arc<dyn Store>) {
         ..row(id, 1)
     };
     store
-        .upsert_presence_batch(&[online(1), online(2), online(3)])
+        .upsert_presence_batch(&[online(1), online(2), online(3)], NODE)
         .await
         .expect("rows are written");
     store
@@ -466,14 +631,8 @@ async fn contacts_are_symmetric(store: Arc<dyn Store>) {
         (1, 1, false, "nobody is their own contact"),
         (4, 5, false, "strangers are not contacts"),
     ] {
-        assert_eq!(
-            store
-                .are_contacts(user(a), user(b))
-                .await
-                .expect("are_contacts works"),
-            expected,
-            "{why}"
-        );
+        let of_a = store.contacts_of(user(a)).await.expect("contacts_of works");
+        assert_eq!(of_a.contains(&user(b)), expected, "{why}");
     }
     assert!(
         store
@@ -546,9 +705,10 @@ async fn removing_contacts_removes_both_directions(store: Arc<dyn Store>) {
     );
     assert!(
         !store
-            .are_contacts(user(1), user(2))
+            .contacts_of(user(1))
             .await
-            .expect("are_contacts works"),
+            .expect("contacts_of works")
+            .contains(&user(2)),
         "removed contacts are no longer contacts"
     );
 }
@@ -636,7 +796,7 @@ async fn contacts_of_many_reads_every_listed_user_across_statements(store: Arc<d
 
 async fn empty_batches_are_accepted(store: Arc<dyn Store>) {
     store
-        .upsert_presence_batch(&[])
+        .upsert_presence_batch(&[], NODE)
         .await
         .expect("an empty upsert is a no-op");
     store
@@ -670,7 +830,7 @@ async fn concurrent_overlapping_upserts_do_not_fail(store: Arc<dyn Store>) {
                             ..row(id, round)
                         })
                         .collect();
-                    store.upsert_presence_batch(&batch).await?;
+                    store.upsert_presence_batch(&batch, NODE).await?;
                 }
                 Ok::<_, StoreError>(())
             })
@@ -801,9 +961,12 @@ store_suite!(
     an_upsert_with_a_lower_version_changes_nothing,
     last_seen_never_moves_backwards,
     twelve_hundred_rows_are_written_in_batches_of_at_most_five_hundred,
-    the_first_epoch_of_a_fresh_database_is_zero_and_clean,
-    a_clean_shutdown_keeps_the_epoch,
-    a_crash_bumps_the_epoch_and_sets_rows_left_online_offline,
+    a_fresh_database_starts_at_epoch_zero_and_registers_nodes,
+    a_clean_stop_closes_only_that_nodes_record,
+    a_heartbeat_registers_a_node_whose_record_is_gone,
+    recovering_a_crashed_node_touches_only_the_rows_it_left_online,
+    a_recovery_whose_claimer_died_is_taken_over,
+    custom_statuses_due_are_listed_soonest_first,
     checkpoint_online_stamps_only_the_given_users,
     contacts_are_symmetric,
     adding_contacts_twice_changes_nothing,
@@ -837,7 +1000,7 @@ async fn sqlite_memory_urls_work() {
         .expect("an in-memory database opens");
     store.migrate().await.expect("it migrates");
     store
-        .upsert_presence_batch(&[row(1, 1)])
+        .upsert_presence_batch(&[row(1, 1)], NODE)
         .await
         .expect("it takes writes");
     // Several round trips: the single connection must outlive each of them.
@@ -861,7 +1024,7 @@ async fn sqlite_creates_a_missing_file_and_keeps_rows_across_reopening() {
             .expect("a missing file is created");
         store.migrate().await.expect("it migrates");
         store
-            .upsert_presence_batch(&[row(1, 3)])
+            .upsert_presence_batch(&[row(1, 3)], NODE)
             .await
             .expect("it takes writes");
     }
@@ -937,7 +1100,7 @@ async fn sqlite_busy_is_transient_and_constraint_violations_are_not() {
         .execute("INSERT INTO presence_meta (name, value) VALUES ('x', 1)")
         .await
         .expect_err("the write lock is held elsewhere");
-    let busy = StoreError::from(busy);
+    let busy = SqliteStore::map_error(busy);
     assert!(
         busy.is_transient(),
         "'database is locked' is worth retrying: {busy}"
@@ -951,7 +1114,7 @@ async fn sqlite_busy_is_transient_and_constraint_violations_are_not() {
         .execute("INSERT INTO contacts (user_id, contact_id) VALUES (1, 1)")
         .await
         .expect_err("a self pair violates the CHECK constraint");
-    let violation = StoreError::from(violation);
+    let violation = SqliteStore::map_error(violation);
     assert!(
         !violation.is_transient(),
         "a constraint violation fails again on retry: {violation}"
@@ -967,7 +1130,7 @@ async fn mysql_lock_wait_timeouts_are_transient_and_constraint_violations_are_no
         unreachable!("mysql_store keeps a MySQL database")
     };
     db.store
-        .upsert_presence_batch(&[row(1, 1)])
+        .upsert_presence_batch(&[row(1, 1)], NODE)
         .await
         .expect("a row to lock is written");
     let mut holder = sqlx::MySqlConnection::connect(&database.url())
@@ -989,7 +1152,7 @@ async fn mysql_lock_wait_timeouts_are_transient_and_constraint_violations_are_no
         .execute("UPDATE presence SET version = 2 WHERE user_id = 1")
         .await
         .expect_err("the row is locked elsewhere");
-    let timeout = StoreError::from(timeout);
+    let timeout = MySqlStore::map_error(timeout);
     assert!(
         timeout.is_transient(),
         "a lock wait timeout is worth retrying: {timeout}"
@@ -1003,7 +1166,7 @@ async fn mysql_lock_wait_timeouts_are_transient_and_constraint_violations_are_no
         .execute("INSERT INTO presence (user_id, status, is_online, version, epoch) VALUES (1, 'online', 0, 1, 0)")
         .await
         .expect_err("user 1 already has a row");
-    let violation = StoreError::from(violation);
+    let violation = MySqlStore::map_error(violation);
     assert!(
         !violation.is_transient(),
         "a duplicate key fails again on retry: {violation}"
@@ -1024,7 +1187,7 @@ async fn nodes_starting_together_all_migrate(url: &str) {
     }
     let row = row(1, 1);
     stores[0]
-        .upsert_presence_batch(&[row])
+        .upsert_presence_batch(&[row], NODE)
         .await
         .expect("the schema is there");
 }

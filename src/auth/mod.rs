@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::UserId;
+use crate::domain::{UserId, printable};
 
 /// Metadata naming the user a service acts for (and, in development mode, the user calling).
 pub const USER_HEADER: &str = "x-presence-user-id";
@@ -66,6 +66,20 @@ pub enum AuthError {
     Forbidden(String),
 }
 
+/// Longest service name (a service token's `sub`, or `x-presence-service` in development mode).
+pub const MAX_SERVICE_NAME: usize = 64;
+
+/// Shortest HS256 secret accepted outside development mode.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A token's `aud`: one audience, or several (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// JWT claims we read and write.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
@@ -76,7 +90,7 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
 }
@@ -90,6 +104,8 @@ pub struct KeyConfig {
     pub public_key_pem: Option<Vec<u8>>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// Longest token lifetime accepted (`exp` at most this far ahead).
+    pub max_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for KeyConfig {
@@ -102,6 +118,7 @@ impl std::fmt::Debug for KeyConfig {
             )
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
+            .field("max_ttl", &self.max_ttl)
             .finish()
     }
 }
@@ -127,6 +144,46 @@ pub struct JwtVerifier {
     public: Option<(DecodingKey, Algorithm)>,
     issuer: Option<String>,
     audience: Option<String>,
+    max_ttl: u64,
+}
+
+/// Refuses a secret that is short or made of one repeated character: such a key is guessed,
+/// and with it any identity forged.
+fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "PRESENCE_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes long (got {})",
+            secret.len()
+        ));
+    }
+    let mut chars = secret.chars();
+    let first = chars.next();
+    if chars.all(|c| Some(c) == first) {
+        return Err("PRESENCE_JWT_SECRET is one character repeated: use random bytes".into());
+    }
+    let distinct: std::collections::HashSet<char> = secret.chars().collect();
+    if distinct.len() < 8 {
+        return Err(format!(
+            "PRESENCE_JWT_SECRET has only {} distinct characters: use random bytes",
+            distinct.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A service's name as it will appear in logs: bounded and printable.
+fn service_name(raw: &str) -> Result<String, AuthError> {
+    let name = raw.trim();
+    if name.is_empty()
+        || name.chars().count() > MAX_SERVICE_NAME
+        || printable(name, MAX_SERVICE_NAME) != name
+    {
+        return Err(AuthError::Unauthenticated(format!(
+            "a service name must be 1 to {MAX_SERVICE_NAME} printable characters, got {:?}",
+            printable(raw, MAX_SERVICE_NAME)
+        )));
+    }
+    Ok(name.to_string())
 }
 
 impl Verifier {
@@ -136,10 +193,10 @@ impl Verifier {
             return Ok(Verifier::Development);
         }
         let hs256 = match &keys.secret {
-            Some(s) if s.len() < 16 => {
-                return Err("PRESENCE_JWT_SECRET must be at least 16 bytes long".into());
+            Some(s) => {
+                check_secret(s)?;
+                Some(DecodingKey::from_secret(s.as_bytes()))
             }
-            Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
             None => None,
         };
         let public = match &keys.public_key_pem {
@@ -158,6 +215,7 @@ impl Verifier {
             public,
             issuer: keys.issuer.clone(),
             audience: keys.audience.clone(),
+            max_ttl: keys.max_ttl.as_secs(),
         })))
     }
 
@@ -177,7 +235,7 @@ impl Verifier {
         match self {
             Verifier::Development => match (get(SERVICE_HEADER), acting_for) {
                 (Some(name), acting_for) if !name.trim().is_empty() => Ok(Identity {
-                    credential: Credential::Service(name.trim().to_string()),
+                    credential: Credential::Service(service_name(name)?),
                     acting_for,
                     expires_at: None,
                 }),
@@ -194,12 +252,7 @@ impl Verifier {
                 let token = bearer(get("authorization"))?;
                 let claims = jwt.verify_token(token)?;
                 let credential = if claims.role.as_deref() == Some("service") {
-                    if claims.sub.trim().is_empty() {
-                        return Err(AuthError::Unauthenticated(
-                            "a service token needs a non-empty sub (the service name)".into(),
-                        ));
-                    }
-                    Credential::Service(claims.sub)
+                    Credential::Service(service_name(&claims.sub)?)
                 } else {
                     Credential::User(
                         UserId::parse_str(&claims.sub)
@@ -224,6 +277,26 @@ impl Verifier {
                 })
             }
         }
+    }
+}
+
+impl Verifier {
+    /// Verifies a user's bare token (a relay session's): the user and when the token expires.
+    pub fn verify_user_token(&self, token: &str) -> Result<(UserId, u64), AuthError> {
+        let Verifier::Jwt(jwt) = self else {
+            return Err(AuthError::Unauthenticated(
+                "user_token needs a configured JWT key; in development mode name the user with user_id".into(),
+            ));
+        };
+        let claims = jwt.verify_token(token)?;
+        if claims.role.as_deref() == Some("service") {
+            return Err(AuthError::Unauthenticated(
+                "user_token is a service token, not a user's".into(),
+            ));
+        }
+        let user = UserId::parse_str(&claims.sub)
+            .map_err(|e| AuthError::Unauthenticated(format!("token sub: {e}")))?;
+        Ok((user, claims.exp))
     }
 }
 
@@ -275,9 +348,17 @@ impl JwtVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map(|data| data.claims)
-            .map_err(|e| bad(e.to_string()))
+            .map_err(|e| bad(e.to_string()))?;
+        let longest = unix_now().saturating_add(self.max_ttl);
+        if claims.exp > longest {
+            return Err(bad(format!(
+                "it expires more than {} s from now (PRESENCE_JWT_MAX_TTL_S)",
+                self.max_ttl
+            )));
+        }
+        Ok(claims)
     }
 }
 
@@ -296,7 +377,7 @@ pub fn mint(
         exp: now + ttl.as_secs().max(1),
         role: service.then(|| "service".to_string()),
         iss: issuer.map(str::to_string),
-        aud: audience.map(str::to_string),
+        aud: audience.map(|a| Audience::One(a.to_string())),
         iat: Some(now),
     };
     jsonwebtoken::encode(
@@ -320,11 +401,12 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    const SECRET: &str = "0123456789abcdef-test";
+    const SECRET: &str = "0123456789abcdef-unit-test-secret-key";
 
     fn verifier() -> Verifier {
         Verifier::from_keys(&KeyConfig {
             secret: Some(SECRET.into()),
+            max_ttl: Duration::from_secs(24 * 3600),
             ..Default::default()
         })
         .unwrap()
@@ -349,7 +431,7 @@ mod tests {
     #[test]
     fn alg_none_and_foreign_signatures_are_refused() {
         let other = mint(
-            "another-secret-of-16b",
+            "another-secret-of-enough-bytes-0123",
             "42",
             false,
             Duration::from_secs(60),
@@ -385,6 +467,69 @@ mod tests {
             ],
         );
         assert!(matches!(err, Err(AuthError::Forbidden(_))), "{err:?}");
+    }
+
+    #[test]
+    fn short_or_repetitive_secrets_are_refused() {
+        for bad in [
+            " ".repeat(16),
+            "a".repeat(64),
+            "abababababababababababababababab".into(),
+            "short".into(),
+        ] {
+            let keys = KeyConfig {
+                secret: Some(bad.clone()),
+                ..Default::default()
+            };
+            assert!(
+                Verifier::from_keys(&keys).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn subjects_must_be_canonical_and_lifetimes_bounded() {
+        for sub in ["01", "+1", " 1 "] {
+            let t = mint(SECRET, sub, false, Duration::from_secs(60), None, None).unwrap();
+            assert!(
+                verify(&verifier(), &[("authorization", &format!("Bearer {t}"))]).is_err(),
+                "sub {sub:?} must be refused"
+            );
+        }
+        let long = mint(
+            SECRET,
+            "42",
+            false,
+            Duration::from_secs(25 * 3600),
+            None,
+            None,
+        )
+        .unwrap();
+        let err = verify(&verifier(), &[("authorization", &format!("Bearer {long}"))]);
+        assert!(
+            matches!(err, Err(AuthError::Unauthenticated(ref m)) if m.contains("PRESENCE_JWT_MAX_TTL_S")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_audience_array_is_accepted_per_rfc_7519() {
+        let claims = Claims {
+            sub: "42".into(),
+            exp: unix_now() + 60,
+            role: None,
+            iss: None,
+            aud: Some(Audience::Many(vec!["a".into(), "b".into()])),
+            iat: None,
+        };
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(verify(&verifier(), &[("authorization", &format!("Bearer {t}"))]).is_ok());
     }
 
     #[test]

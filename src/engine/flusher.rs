@@ -7,14 +7,24 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use std::sync::atomic::Ordering;
+
 use crate::domain::{UserId, now_millis};
 use crate::store::{MAX_ROWS_PER_STATEMENT, PresenceRow};
 
 use super::Engine;
-use std::sync::atomic::Ordering;
+use super::registry::mark_dirty;
 
 /// Longest wait between retries of a failing flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Whether the flush wrote everything it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flushed {
+    All,
+    /// A statement failed: the rows not written are dirty again and wait for the next try.
+    Failed,
+}
 
 pub(super) async fn run(engine: Engine, mut stop: watch::Receiver<bool>) {
     let config = engine.shared.config.clone();
@@ -37,24 +47,29 @@ pub(super) async fn run(engine: Engine, mut stop: watch::Receiver<bool>) {
             }
         }
         backoff = match engine.flush().await {
-            Ok(()) => Duration::ZERO,
-            Err(()) => next_backoff(backoff),
+            Flushed::All => Duration::ZERO,
+            Flushed::Failed => next_backoff(backoff),
         };
     }
     // Final flush: retried until it succeeds; the caller bounds shutdown with a deadline.
     let mut backoff = Duration::ZERO;
     loop {
         match engine.flush().await {
-            Ok(()) => break,
-            Err(()) => {
+            Flushed::All => break,
+            Flushed::Failed => {
                 backoff = next_backoff(backoff).min(Duration::from_secs(2));
                 tokio::time::sleep(backoff).await;
             }
         }
     }
-    match engine.shared.store.mark_clean_shutdown().await {
-        Ok(()) => tracing::info!("all presence changes flushed; clean shutdown recorded"),
-        Err(e) => tracing::error!(error = %e, "could not record the clean shutdown"),
+    match engine
+        .shared
+        .store
+        .stop_node(&engine.shared.node, now_millis())
+        .await
+    {
+        Ok(()) => tracing::info!("all presence changes flushed; clean stop recorded"),
+        Err(e) => tracing::error!(error = %e, "could not record the clean stop"),
     }
 }
 
@@ -69,10 +84,25 @@ fn next_backoff(current: Duration) -> Duration {
 }
 
 impl Engine {
-    /// Writes every dirty row. On failure the rows not written are marked dirty again (their
-    /// in-memory state is at least as new as what failed) and Err is returned.
-    pub(super) async fn flush(&self) -> Result<(), ()> {
+    /// Writes every dirty row (and the rows of users changed here but not held in memory). On
+    /// failure the rows not written are marked dirty again (their in-memory state is at least
+    /// as new as what failed). In cluster mode, users written offline are then released from
+    /// the backplane (the store has them).
+    pub(super) async fn flush(&self) -> Flushed {
         let mut rows = self.take_dirty_rows();
+        let loose: Vec<PresenceRow> = self
+            .shared
+            .loose_rows
+            .lock()
+            .expect("loose rows lock poisoned")
+            .drain()
+            .map(|(_, row)| row)
+            .collect();
+        rows.extend(loose);
+        // One row per user (a user can be both dirty and loose when it was loaded meanwhile):
+        // the newest. A statement must not write one key twice.
+        rows.sort_unstable_by(|a, b| a.user_id.cmp(&b.user_id).then(b.version.cmp(&a.version)));
+        rows.dedup_by_key(|r| r.user_id);
         if rows.is_empty() {
             if !self.store_ok() {
                 // Nothing to write, so probe: health must recover when the database does.
@@ -81,13 +111,17 @@ impl Engine {
                 self.shared.store_ok.store(ok, Ordering::Relaxed);
             }
             self.evict_idle();
-            return Ok(());
+            return Flushed::All;
         }
-        rows.sort_unstable_by_key(|r| r.user_id);
         let started = std::time::Instant::now();
         let c = &self.shared.counters;
         for (i, chunk) in rows.chunks(MAX_ROWS_PER_STATEMENT).enumerate() {
-            if let Err(e) = self.shared.store.upsert_presence_batch(chunk).await {
+            if let Err(e) = self
+                .shared
+                .store
+                .upsert_presence_batch(chunk, &self.shared.node)
+                .await
+            {
                 c.db_errors.fetch_add(1, Ordering::Relaxed);
                 self.shared.store_ok.store(false, Ordering::Relaxed);
                 let unwritten = &rows[i * MAX_ROWS_PER_STATEMENT..];
@@ -97,8 +131,8 @@ impl Engine {
                     rows = unwritten.len(),
                     "presence flush failed; will retry"
                 );
-                self.mark_dirty(unwritten.iter().map(|r| r.user_id));
-                return Err(());
+                self.redirty(unwritten);
+                return Flushed::Failed;
             }
             c.db_statements.fetch_add(1, Ordering::Relaxed);
             self.shared.store_ok.store(true, Ordering::Relaxed);
@@ -107,8 +141,39 @@ impl Engine {
         tracing::debug!(rows = rows.len(), elapsed = ?started.elapsed(), "presence flushed");
         metrics::histogram!("presence_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("presence_flush_rows").record(rows.len() as f64);
+        if let Some(bp) = &self.shared.backplane {
+            // Rows this node owed are written: a reaper need not visit those it holds no
+            // device of, and offline users may leave the backplane (the store has them).
+            let settled: Vec<UserId> = rows
+                .iter()
+                .map(|r| r.user_id)
+                .filter(|&u| {
+                    self.shard(u)
+                        .users
+                        .get(&u)
+                        .is_none_or(|e| e.local.total == 0)
+                })
+                .collect();
+            let offline: Vec<(UserId, u64)> = rows
+                .iter()
+                .filter(|r| !r.is_online)
+                .map(|r| (r.user_id, r.version))
+                .collect();
+            for chunk in settled.chunks(MAX_ROWS_PER_STATEMENT) {
+                if let Err(e) = bp.settled(chunk).await {
+                    tracing::debug!(error = %e, "could not tell the backplane which rows are written; a reaper writes them again");
+                    break;
+                }
+            }
+            for chunk in offline.chunks(MAX_ROWS_PER_STATEMENT) {
+                if let Err(e) = bp.release(chunk).await {
+                    tracing::debug!(error = %e, "could not release offline users from the backplane; their state expires there");
+                    break;
+                }
+            }
+        }
         self.evict_idle();
-        Ok(())
+        Flushed::All
     }
 
     fn take_dirty_rows(&self) -> Vec<PresenceRow> {
@@ -119,7 +184,7 @@ impl Engine {
             for u in dirty {
                 if let Some(e) = shard.users.get_mut(&u) {
                     e.dirty = false;
-                    rows.push(e.row(u, self.shared.epoch));
+                    rows.push(e.row(u, self.epoch()));
                 }
             }
         }
@@ -130,18 +195,23 @@ impl Engine {
         rows
     }
 
-    fn mark_dirty(&self, users: impl Iterator<Item = UserId>) {
-        for u in users {
-            let mut shard = self.shard(u);
-            if let Some(e) = shard.users.get_mut(&u)
-                && !e.dirty
-            {
-                e.dirty = true;
-                shard.dirty.push(u);
+    /// Marks rows that failed to be written dirty again; rows of users no longer in memory
+    /// wait with the loose rows.
+    fn redirty(&self, rows: &[PresenceRow]) {
+        for row in rows {
+            let u = row.user_id;
+            let mut guard = self.shard(u);
+            let shard = &mut *guard;
+            if shard.users.contains_key(&u) {
+                mark_dirty(shard, u, &self.shared.counters.dirty_users);
+            } else {
+                drop(guard);
                 self.shared
-                    .counters
-                    .dirty_users
-                    .fetch_add(1, Ordering::Relaxed);
+                    .loose_rows
+                    .lock()
+                    .expect("loose rows lock poisoned")
+                    .entry(u)
+                    .or_insert_with(|| row.clone());
             }
         }
     }
@@ -155,7 +225,7 @@ impl Engine {
         for shard in self.shared.shards.iter() {
             let mut shard = shard.lock().expect("shard lock poisoned");
             for (u, e) in shard.users.iter_mut() {
-                if e.devices > 0 || e.pending_offline.is_some() {
+                if e.local.total > 0 || e.presence().grace.is_some() {
                     // Kept in memory too, so a later upsert of the row carries it.
                     e.checkpoint_at = Some(now);
                     online.push(*u);
@@ -201,10 +271,5 @@ impl Engine {
                 shard.evictions += 1;
             }
         }
-    }
-
-    /// Flushes now, for tests and the shutdown path. Err when the store refused.
-    pub async fn flush_now(&self) -> Result<(), ()> {
-        self.flush().await
     }
 }

@@ -1,198 +1,119 @@
-//! The engine's side of cluster mode: every change goes through one Redis transition (see
-//! [`super::cluster`]) and comes back as a shared state that this node applies to its entries
-//! and fans out to its local watchers; changes made on other nodes arrive on the subscription.
-//! A node whose transition fails (Redis down) falls back to local rules for that user, and
-//! restores everything when Redis answers again.
-use std::sync::atomic::Ordering;
+//! The engine's side of cluster mode. Every change goes through one backplane transition and
+//! comes back as the user's new presence, which this node applies to its entry and fans out to
+//! its own receivers; changes made on other nodes arrive on the subscription. When the backplane
+//! fails, the change is decided with this node's rules (the same [`crate::rules`]) and marked
+//! unsynced; when it answers again, every unsynced entry and every local device is reconciled
+//! there, and every node converges.
+//!
+//! Liveness: this node renews its lease; a node whose lease runs out is claimed by a survivor,
+//! which drops that node's devices user by user, in batches, writing their rows. A claim is a
+//! durable record: a claimer that dies halfway is claimed in turn, and its claims finished by
+//! another node.
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 
+use crate::cluster::{Claim, Message, Transition};
 use crate::domain::{UserId, now_millis};
+use crate::rules::{Op, Presence};
 
-use super::cluster::{Message, Op, SharedState};
-use super::{Engine, Entry};
+use super::Engine;
+
+/// Users per pipelined batch of transitions (reaping, restoring).
+const BATCH: usize = 500;
 
 impl Engine {
-    pub(super) fn is_cluster(&self) -> bool {
-        self.shared.cluster.is_some()
-    }
-
-    /// Applies a shared state to the user's entry, if it is in memory and not older, and fans
-    /// out what changed. `own`: this node ran the transition, so it writes the row.
-    pub(super) fn apply_shared(&self, s: &SharedState, own: bool) {
-        let mut guard = self.shard(s.user);
-        let shard = &mut *guard;
-        let Some(entry) = shard.users.get_mut(&s.user) else {
+    /// Applies `op` to the user (who should be in memory): through the backplane in cluster
+    /// mode, falling back to this node's rules when it fails; in memory on a single node.
+    pub(super) async fn change(&self, user: UserId, op: Op) {
+        let now = now_millis();
+        let Some(bp) = self.shared.backplane.clone() else {
+            self.apply_local(user, &op, now);
             return;
         };
-        if s.version < entry.version {
+        let Some(seed) = self
+            .shard(user)
+            .users
+            .get(&user)
+            .map(|e| self.seed_of(e, &op))
+        else {
             return;
-        }
-        let before = entry.state(s.user);
-        let before_row = entry.row(s.user, 0);
-        entry.chosen = s.chosen;
-        entry.last_seen = s.last_seen;
-        entry.last_offline = s.last_offline;
-        entry.version = s.version;
-        entry.offline_version = s.offline_version;
-        entry.privacy = s.privacy;
-        entry.cluster_view = Some((s.effective, s.connected));
-        let after = entry.state(s.user);
-        if after.version > before.version {
-            if own {
-                self.shared.counters.changes.fetch_add(1, Ordering::Relaxed);
-            }
-            self.fan_out(entry, &before, &after);
-            for v in &entry.viewers {
-                v.set_own_last_seen(entry.privacy.last_seen);
-            }
-        }
-        if own && entry.row(s.user, 0) != before_row {
-            self.mark_dirty_locked(shard, s.user);
-        }
-    }
-
-    /// Runs `op` for the user through Redis and applies the result. False when not in cluster
-    /// mode or Redis failed: the caller then applies the change with local rules.
-    pub(super) async fn shared_transition(&self, user: UserId, op: Op) -> bool {
-        let Some(cluster) = self.shared.cluster.clone() else {
-            return false;
         };
-        let seed = {
-            let shard = self.shard(user);
-            match shard.users.get(&user) {
-                Some(e) => (
-                    e.row(user, self.shared.epoch),
-                    (e.last_offline, e.offline_version),
-                    e.devices,
-                ),
-                None => return false,
-            }
+        let transition = Transition {
+            user,
+            op: op.clone(),
+            seed,
         };
-        // The local count already includes this event; Redis gets the count from before it.
-        let devices_before = match op {
-            Op::Connect => seed.2.saturating_sub(1),
-            Op::Disconnect { .. } => seed.2 + 1,
-            _ => seed.2,
-        };
-        match cluster
-            .transition(user, &op, &seed.0, seed.1, devices_before)
-            .await
-        {
-            Ok(state) => {
-                self.apply_shared(&state, true);
-                true
+        match bp.transition(vec![transition]).await {
+            Ok(mut results) => {
+                if let Some(Some((presence, outcome))) = results.pop()
+                    && !self.apply_shared(user, presence.clone(), true)
+                    && outcome.changed
+                {
+                    self.write_loose(user, &presence);
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, %user, ?op, "redis transition failed; applying locally");
-                false
+                tracing::debug!(%user, error = %e, "backplane transition failed; applying with this node's rules");
+                self.apply_local(user, &op, now);
             }
         }
     }
 
-    /// Redis could not take a change: decide the user's presence with this node's rules.
-    pub(super) fn fall_back_local(&self, user: UserId) {
-        self.mutate(user, now_millis(), |e| e.cluster_view = None);
-    }
-
-    /// Shared states for users not in memory (Redis first), split from those Redis lacks.
-    pub(super) async fn load_shared(&self, users: &[UserId]) -> (Vec<SharedState>, Vec<UserId>) {
-        let Some(cluster) = &self.shared.cluster else {
-            return (Vec::new(), users.to_vec());
-        };
-        match cluster.load(users).await {
-            Ok(states) => {
-                let found: std::collections::HashSet<UserId> =
-                    states.iter().map(|s| s.user).collect();
-                let rest = users
-                    .iter()
-                    .copied()
-                    .filter(|u| !found.contains(u))
-                    .collect();
-                (states, rest)
-            }
-            Err(_) => (Vec::new(), users.to_vec()),
+    /// What this node knows of a user, for the backplane to start from if it has nothing: the
+    /// entry, with this node's own devices in it (after the backplane lost its state, a change
+    /// made before this node restores its devices must not show the user without them) unless
+    /// `op` reports them itself (then the change it makes is the news).
+    fn seed_of(&self, entry: &super::registry::Entry, op: &Op) -> Presence {
+        let mut seed = entry.presence().clone();
+        let node = &self.shared.node;
+        seed.nodes.retain(|n| n.node == *node);
+        if matches!(op, Op::Devices { .. }) {
+            seed.nodes.clear();
+        } else if seed.nodes.is_empty() && entry.local.total > 0 {
+            seed.nodes.push(crate::rules::NodeDevices {
+                node: node.clone(),
+                seq: 0,
+                devices: entry.local,
+            });
         }
+        seed
     }
 
-    /// Entry for a shared state (cluster mode loads).
-    pub(super) fn entry_from_shared(s: &SharedState) -> Entry {
-        Entry::from_shared(s)
-    }
-
-    /// Keeps our lease, restores our devices after an outage or a lost lease, and takes over the
-    /// devices of nodes whose lease expired.
-    pub(super) async fn run_lease(self) {
-        let cluster = self
-            .shared
-            .cluster
-            .clone()
-            .expect("run only in cluster mode");
-        let period = (cluster.lease_ttl() / 3).max(Duration::from_millis(100));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if self.is_shutting_down() {
+    /// This node writes the user's row at its next flush: from the entry if it is in memory,
+    /// else from `presence`.
+    fn owe_row(&self, user: UserId, presence: &Presence) {
+        {
+            let mut guard = self.shard(user);
+            let shard = &mut *guard;
+            if shard.users.contains_key(&user) {
+                super::registry::mark_dirty(shard, user, &self.shared.counters.dirty_users);
                 return;
             }
-            match cluster.renew().await {
-                Ok(true) => {
-                    tracing::warn!(
-                        "this node was declared dead or lost redis; restoring its devices"
-                    );
-                    self.restore_all().await;
-                    // And catch up on what other nodes published while we could not hear.
-                    self.resync().await;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "lease renewal failed");
-                    continue;
-                }
-            }
-            match cluster.claim_dead().await {
-                Ok(dead) => {
-                    for (node, last, users) in dead {
-                        tracing::warn!(%node, users = users.len(), "a node's lease expired: its devices are offline");
-                        self.ensure_loaded(&users).await.ok();
-                        for u in users {
-                            let op = Op::DropNode {
-                                node: node.clone(),
-                                at: last,
-                            };
-                            self.shared_transition(u, op).await;
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "could not check other nodes' leases"),
-            }
         }
+        self.write_loose(user, presence);
     }
 
-    /// Re-registers every local device and local change in Redis (after an outage, or after this
-    /// node was declared dead while paused).
-    async fn restore_all(&self) {
-        let mut users = Vec::new();
-        for shard in self.shared.shards.iter() {
-            let shard = shard.lock().expect("shard lock poisoned");
-            for (u, e) in shard.users.iter() {
-                if e.devices > 0 || e.cluster_view.is_none() {
-                    users.push((*u, e.devices));
-                }
-            }
-        }
-        for (u, devices) in users {
-            self.shared_transition(u, Op::Restore { devices }).await;
-        }
+    /// A change this node made for a user it does not hold in memory: its row is written all
+    /// the same.
+    fn write_loose(&self, user: UserId, presence: &Presence) {
+        let mut entry = super::registry::Entry::new(presence.clone());
+        entry.checkpoint_at = None;
+        let row = entry.row(user, self.epoch());
+        self.shared
+            .loose_rows
+            .lock()
+            .expect("loose rows lock poisoned")
+            .insert(user, row);
     }
 
     /// Applies changes made on other nodes, and contact changes, as they are published.
-    pub(super) async fn run_subscription(self) {
-        let cluster = self
+    pub(super) async fn run_subscription(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let bp = self
             .shared
-            .cluster
+            .backplane
             .clone()
             .expect("run only in cluster mode");
         let mut first = true;
@@ -200,23 +121,32 @@ impl Engine {
             if self.is_shutting_down() {
                 return;
             }
-            let stream = match cluster.subscribe().await {
+            let stream = match bp.subscribe().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(error = %e, "redis subscription failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
+                    tracing::debug!(error = %e, "subscription failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = stop.changed() => return,
+                    }
                 }
             };
             if !first {
                 // Changes published while we were not listening: read the current states.
-                self.resync().await;
+                self.resync_all().await;
             }
             first = false;
             tokio::pin!(stream);
-            while let Some(msg) = stream.next().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = stream.next() => msg,
+                    _ = stop.changed() => return,
+                };
+                let Some(msg) = msg else { break };
                 match msg {
-                    Message::Presence(s) => self.apply_shared(&s, false),
+                    Message::Presence(user, presence) => {
+                        self.apply_shared(user, *presence, false);
+                    }
                     Message::ContactsAdded(a, b) => {
                         let _ = self.link(a, b).await;
                         let _ = self.link(b, a).await;
@@ -227,16 +157,274 @@ impl Engine {
                     }
                 }
             }
-            tracing::warn!("redis subscription ended; resubscribing");
+            tracing::warn!("the backplane subscription ended; resubscribing");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// Reads the shared state of every user in memory and applies what is newer.
-    async fn resync(&self) {
-        let Some(cluster) = &self.shared.cluster else {
-            return;
-        };
+    /// Keeps this node's lease; reconciles after an outage or a lost lease; reaps dead nodes.
+    pub(super) async fn run_lease(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("run only in cluster mode");
+        let ttl = self.shared.config.node_ttl;
+        let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reaping: Arc<Mutex<HashSet<Arc<str>>>> = Arc::default();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if self.is_shutting_down() {
+                return;
+            }
+            match bp.renew().await {
+                Ok(renewal) => {
+                    if renewal.lost {
+                        tracing::warn!(
+                            "this node was declared dead or the backplane lost its state; restoring its devices"
+                        );
+                    }
+                    if renewal.lost || self.has_unsynced() {
+                        self.restore_all().await;
+                        self.resync_all().await;
+                        if renewal.lost {
+                            // Users whose state the backplane lost entirely, with devices only on
+                            // nodes that are gone: once every live node had time to restore
+                            // its own, whatever is still missing is decided from here.
+                            let engine = self.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(ttl).await;
+                                engine.settle_missing().await;
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "lease renewal failed");
+                    continue;
+                }
+            }
+            match bp.claim().await {
+                Ok(claims) => {
+                    for claim in claims {
+                        if !reaping
+                            .lock()
+                            .expect("reaping lock poisoned")
+                            .insert(claim.node.clone())
+                        {
+                            continue;
+                        }
+                        let engine = self.clone();
+                        let reaping = reaping.clone();
+                        tokio::spawn(async move {
+                            let node = claim.node.clone();
+                            engine.reap(claim).await;
+                            reaping.lock().expect("reaping lock poisoned").remove(&node);
+                        });
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "could not check other nodes' leases"),
+            }
+        }
+    }
+
+    /// Drops a dead node's devices, in batches, user by user; resumable (a batch done twice
+    /// changes nothing the second time).
+    async fn reap(&self, claim: Claim) {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("reaping only in cluster mode");
+        let started = std::time::Instant::now();
+        let mut reaped = 0usize;
+        loop {
+            let users = match bp.claimed_users(&claim.node, BATCH).await {
+                Ok(users) => users,
+                Err(e) => {
+                    tracing::warn!(node = %claim.node, error = %e, "reaping paused; the next lease tick resumes it");
+                    return;
+                }
+            };
+            if users.is_empty() {
+                let _ = bp.finish_claim(&claim.node).await;
+                tracing::warn!(node = %claim.node, users = reaped, elapsed = ?started.elapsed(),
+                    "a node's lease expired: its devices are gone and its users who had no other device are offline");
+                return;
+            }
+            let batch = users
+                .iter()
+                .map(|&user| Transition {
+                    user,
+                    op: Op::DropNode {
+                        node: claim.node.clone(),
+                        at: claim.last_renewal,
+                    },
+                    // Only used if the backplane had no state, and then dropping does nothing.
+                    seed: Presence::default(),
+                })
+                .collect();
+            match bp.transition(batch).await {
+                Ok(results) => {
+                    // Every visited user's row is written, changed here or not: the dead node
+                    // may have died before writing its own last change.
+                    for (&user, result) in users.iter().zip(results) {
+                        if let Some((presence, _)) = result {
+                            self.apply_shared(user, presence.clone(), true);
+                            self.owe_row(user, &presence);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = %claim.node, error = %e, "reaping paused; the next lease tick resumes it");
+                    return;
+                }
+            }
+            if bp.finish_users(&claim.node, &users).await.is_err() {
+                return;
+            }
+            reaped += users.len();
+        }
+    }
+
+    fn has_unsynced(&self) -> bool {
+        self.shared.shards.iter().any(|s| {
+            s.lock()
+                .expect("shard lock poisoned")
+                .users
+                .values()
+                .any(|e| e.unsynced)
+        })
+    }
+
+    /// Reports this node's devices again and reconciles every change it decided alone, in
+    /// batches: after an outage, or after it was declared dead while paused.
+    async fn restore_all(&self) {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("restore only in cluster mode");
+        let mut batch = Vec::new();
+        for shard in self.shared.shards.iter() {
+            let shard = shard.lock().expect("shard lock poisoned");
+            for (&user, e) in shard.users.iter() {
+                if e.local.total > 0 || e.unsynced {
+                    let mut own = e.presence().clone();
+                    let report = self.device_report(e, None);
+                    if let Op::Devices { seq, devices, .. } = report {
+                        own.nodes.retain(|n| n.node != self.shared.node);
+                        own.nodes.push(crate::rules::NodeDevices {
+                            node: self.shared.node.clone(),
+                            seq,
+                            devices,
+                        });
+                    }
+                    batch.push(Transition {
+                        user,
+                        op: Op::Reconcile(Box::new(own.clone())),
+                        seed: own,
+                    });
+                }
+            }
+        }
+        let total = batch.len();
+        for chunk in batch.chunks(BATCH) {
+            let users: Vec<UserId> = chunk.iter().map(|t| t.user).collect();
+            match bp.transition(chunk.to_vec()).await {
+                Ok(results) => {
+                    for (user, result) in users.into_iter().zip(results) {
+                        if let Some((presence, _)) = result {
+                            self.apply_shared(user, presence, true);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not restore this node's state; the next renewal retries");
+                    return;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                users = total,
+                "this node's devices and changes are reconciled with the backplane"
+            );
+        }
+    }
+
+    /// Reads the shared presence of every user in memory and applies what is newer.
+    async fn resync_all(&self) {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("resync only in cluster mode");
+        for chunk in self.users_in_memory().chunks(BATCH) {
+            // The first command after an outage may still fail (the connection reports its last
+            // reconnect error once): retry a little before giving up on this chunk.
+            for attempt in 0..10 {
+                match bp.load(chunk).await {
+                    Ok(states) => {
+                        for (user, presence) in states {
+                            self.apply_shared(user, presence, false);
+                        }
+                        break;
+                    }
+                    Err(e) if attempt == 9 => {
+                        tracing::warn!(error = %e, "could not resync; the next renewal retries");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+
+    /// After the backplane lost its state: users it still has no state for, although this
+    /// node's copy shows devices on other nodes, had them only on nodes that did not come back.
+    /// Their devices there are dropped here and the result reconciled, so every node agrees.
+    async fn settle_missing(&self) {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("settle only in cluster mode");
+        for chunk in self.users_in_memory().chunks(BATCH) {
+            let Ok(known) = bp.load(chunk).await else {
+                return;
+            };
+            let known: HashSet<UserId> = known.into_iter().map(|(u, _)| u).collect();
+            for &user in chunk.iter().filter(|u| !known.contains(u)) {
+                let others: Vec<Arc<str>> = self
+                    .shard(user)
+                    .users
+                    .get(&user)
+                    .map(|e| {
+                        e.presence()
+                            .nodes
+                            .iter()
+                            .filter(|n| n.node != self.shared.node && n.devices.total > 0)
+                            .map(|n| n.node.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if others.is_empty() {
+                    continue;
+                }
+                let now = now_millis();
+                for node in others {
+                    self.apply_local(user, &Op::DropNode { node, at: now }, now);
+                }
+            }
+        }
+        self.restore_all().await;
+    }
+
+    fn users_in_memory(&self) -> Vec<UserId> {
         let mut users = Vec::new();
         for shard in self.shared.shards.iter() {
             users.extend(
@@ -248,70 +436,52 @@ impl Engine {
                     .copied(),
             );
         }
-        for chunk in users.chunks(500) {
-            // The first command after an outage may still fail (the connection manager reports
-            // its last reconnect error once): retry a little before giving up on this chunk.
-            for attempt in 0..10 {
-                match cluster.load(chunk).await {
-                    Ok(states) => {
-                        for s in states {
-                            self.apply_shared(&s, false);
-                        }
-                        break;
-                    }
-                    Err(e) if attempt == 9 => {
-                        tracing::warn!(error = %e, "could not resync from redis; the next renewal retries");
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        users
+    }
+
+    /// Clean stop in cluster mode: this node's devices leave the shared state, its lease is
+    /// released.
+    pub(super) async fn leave_cluster(&self) {
+        let Some(bp) = self.shared.backplane.clone() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        for shard in self.shared.shards.iter() {
+            let mut shard = shard.lock().expect("shard lock poisoned");
+            for (&user, e) in shard.users.iter_mut() {
+                if e.local.total > 0
+                    || e.presence()
+                        .node(&self.shared.node)
+                        .is_some_and(|n| n.devices.total > 0)
+                {
+                    e.local = Default::default();
+                    batch.push(Transition {
+                        user,
+                        op: self.device_report(e, None),
+                        seed: e.presence().clone(),
+                    });
                 }
             }
         }
-    }
-
-    /// Clean stop in cluster mode: our devices leave the shared state, our lease is released.
-    pub(super) async fn leave_cluster(&self) {
-        let Some(cluster) = self.shared.cluster.clone() else {
-            return;
-        };
-        let mut users = Vec::new();
-        for shard in self.shared.shards.iter() {
-            let shard = shard.lock().expect("shard lock poisoned");
-            users.extend(
-                shard
-                    .users
-                    .iter()
-                    .filter(|(_, e)| e.devices > 0 || e.cluster_view.is_some_and(|(_, c)| c))
-                    .map(|(u, _)| *u),
-            );
+        for chunk in batch.chunks(BATCH) {
+            let users: Vec<UserId> = chunk.iter().map(|t| t.user).collect();
+            if let Ok(results) = bp.transition(chunk.to_vec()).await {
+                for (user, result) in users.into_iter().zip(results) {
+                    if let Some((presence, _)) = result {
+                        self.apply_shared(user, presence, true);
+                    }
+                }
+            }
         }
-        let at = now_millis();
-        for u in users {
-            self.shared_transition(
-                u,
-                Op::DropNode {
-                    node: cluster.node.clone(),
-                    at,
-                },
-            )
-            .await;
-        }
-        cluster.deregister().await;
+        bp.deregister().await;
     }
 
     /// Publishes contact changes so other nodes update their caches and watches.
     pub(super) async fn publish_contacts(&self, added: bool, pairs: &[(UserId, UserId)]) {
-        if let Some(cluster) = &self.shared.cluster {
-            cluster.publish_contacts(added, pairs).await;
+        if let Some(bp) = &self.shared.backplane
+            && let Err(e) = bp.publish_contacts(added, pairs).await
+        {
+            tracing::warn!(error = %e, "could not publish contact changes to other nodes");
         }
-    }
-
-    /// Whether this node runs in cluster mode (REDIS_URL set).
-    pub fn is_clustered(&self) -> bool {
-        self.shared.cluster.is_some()
-    }
-
-    /// Whether Redis answers (always true on a single node).
-    pub fn cluster_ok(&self) -> bool {
-        self.shared.cluster.as_ref().is_none_or(|c| c.is_up())
     }
 }

@@ -1,12 +1,14 @@
-//! A subscriber is one receiver of presence updates: a device's Authenticate stream or a
-//! WatchContacts stream. Fan-out pushes into its queue without ever waiting; the gRPC response
-//! stream drains it. No task and no channel sit in between: the response stream polls the queue
-//! directly, so a delivery costs one short lock and, at most, one wake-up.
+//! A subscriber is one receiver of presence updates: a device (an Authenticate stream or a relay
+//! session) or a WatchContacts stream. Fan-out pushes into its queue without ever waiting; the
+//! gRPC response stream drains it directly (no task and no channel in between), so a delivery
+//! costs one short lock and, at most, one wake-up. A relay session's queue forwards to its relay
+//! stream's shared queue once the session's welcome is out (see [`RelayQueue`]).
 //!
-//! The queue is bounded: when it reaches its capacity it is compacted to the newest presence per
-//! user (presence is state, so the final state still arrives), and it can then only grow with
-//! the number of distinct users the subscriber watches, never with the rate of changes.
-use std::collections::{HashMap, VecDeque};
+//! Every queue is bounded: when it reaches its capacity it is compacted to the newest presence
+//! per user (presence is state, so the final state still arrives), and then grows only with the
+//! number of distinct users the receiver watches, never with the rate of changes. At most one
+//! pong waits at a time: a client that pings without reading gets its newest pong only.
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +17,9 @@ use std::task::{Context, Poll, Waker};
 use futures::Stream;
 use tokio::sync::Notify;
 
-use crate::domain::{PresenceView, UserId, Visibility};
+use crate::domain::{Activity, Platform, PresenceView, UserId, Visibility};
 
+use super::Welcome;
 use super::view::{Relation, ViewerContext};
 
 /// Why a subscriber's stream was ended by the server.
@@ -36,8 +39,19 @@ pub enum EndReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Presence(PresenceView),
+    /// What changed while a device was in the background: newest views, one per user.
+    Resync(Vec<PresenceView>),
     Pong(u64),
+    /// A relay session's welcome (a direct stream sends its welcome itself).
+    Welcome(Box<Welcome>),
     End(EndReason),
+}
+
+/// The device behind a subscriber, when it is one.
+pub(crate) struct DeviceInfo {
+    pub platform: Platform,
+    /// Encoded [`Activity`].
+    activity: AtomicU8,
 }
 
 /// One receiver of presence updates.
@@ -49,6 +63,10 @@ pub struct Subscriber {
     own_last_seen: AtomicU8,
     /// Set once the stream is over; fan-out prunes closed subscribers lazily.
     closed: AtomicBool,
+    /// A backgrounded device: fan-out records the users whose presence changed in `missed`
+    /// instead of pushing.
+    passive: AtomicBool,
+    missed: Mutex<HashSet<UserId>>,
     /// Wakes the device's inbound task when the engine ends the stream.
     ended: Notify,
     queue: Mutex<Queue>,
@@ -60,6 +78,10 @@ pub struct Subscriber {
     /// The users whose watcher lists hold this subscriber, so that closing removes it from
     /// exactly those. Guarded together with the closed check, see [`Subscriber::track`].
     watching: Mutex<Vec<UserId>>,
+    pub(crate) device: Option<DeviceInfo>,
+    /// The versions this receiver last got of users it stopped watching (a contact removed):
+    /// watching them again starts above these.
+    floors: Mutex<HashMap<UserId, u64>>,
 }
 
 /// The pending events of one subscriber.
@@ -77,20 +99,24 @@ struct Queue {
     capacity: usize,
     /// An `End` was queued: nothing more is accepted.
     ended: bool,
+    /// Set once a relay session's welcome is out: every event goes to the relay stream.
+    relay: Option<(Arc<RelayQueue>, u64)>,
 }
 
 impl Subscriber {
     pub(crate) fn new(
         id: u64,
-        own_last_seen: Visibility,
         capacity: usize,
         batcher: Option<Arc<WakeBatcher>>,
+        device: Option<Platform>,
     ) -> Self {
         let capacity = capacity.max(1);
         Subscriber {
             id,
-            own_last_seen: AtomicU8::new(encode_visibility(own_last_seen)),
+            own_last_seen: AtomicU8::new(encode_visibility(Visibility::default())),
             closed: AtomicBool::new(false),
+            passive: AtomicBool::new(false),
+            missed: Mutex::new(HashSet::new()),
             ended: Notify::new(),
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
@@ -98,10 +124,16 @@ impl Subscriber {
                 compact_at: capacity,
                 capacity,
                 ended: false,
+                relay: None,
             }),
             watching: Mutex::new(Vec::new()),
             batcher,
             wake_group: AtomicU64::new(0),
+            floors: Mutex::new(HashMap::new()),
+            device: device.map(|platform| DeviceInfo {
+                platform,
+                activity: AtomicU8::new(encode_activity(Activity::Active)),
+            }),
         }
     }
 
@@ -135,6 +167,73 @@ impl Subscriber {
         self.closed.load(Ordering::Acquire)
     }
 
+    pub(crate) fn activity(&self) -> Activity {
+        self.device.as_ref().map_or(Activity::Active, |d| {
+            decode_activity(d.activity.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Records the device's new activity; returns the previous one.
+    pub(crate) fn swap_activity(&self, activity: Activity) -> Activity {
+        match &self.device {
+            Some(d) => {
+                decode_activity(d.activity.swap(encode_activity(activity), Ordering::AcqRel))
+            }
+            None => Activity::Active,
+        }
+    }
+
+    pub(crate) fn is_passive(&self) -> bool {
+        self.passive.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_passive(&self, passive: bool) {
+        self.passive.store(passive, Ordering::Release);
+    }
+
+    /// Fan-out to a passive subscriber: remember that `user` changed.
+    pub(crate) fn miss(&self, user: UserId) {
+        self.missed
+            .lock()
+            .expect("missed lock poisoned")
+            .insert(user);
+    }
+
+    /// Takes one user out of the missed set; false when it was not there.
+    pub(crate) fn take_missed(&self, user: UserId) -> bool {
+        self.missed
+            .lock()
+            .expect("missed lock poisoned")
+            .remove(&user)
+    }
+
+    /// The users missed so far (the set is left as is).
+    pub(crate) fn missed(&self) -> Vec<UserId> {
+        self.missed
+            .lock()
+            .expect("missed lock poisoned")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Remembers the version this receiver last got of a user it stops watching.
+    pub(crate) fn set_floor(&self, user: UserId, version: u64) {
+        self.floors
+            .lock()
+            .expect("floors lock poisoned")
+            .insert(user, version);
+    }
+
+    /// The version a new watch of `user` must start above (0: none), forgotten once read.
+    pub(crate) fn take_floor(&self, user: UserId) -> u64 {
+        self.floors
+            .lock()
+            .expect("floors lock poisoned")
+            .remove(&user)
+            .unwrap_or(0)
+    }
+
     /// Queues an event without waiting. Returns how many queued presences a compaction replaced
     /// (0 normally), for the `coalesced` counter.
     pub(crate) fn push(&self, event: Event) -> usize {
@@ -142,16 +241,14 @@ impl Subscriber {
         if q.ended {
             return 0;
         }
-        let mut coalesced = 0;
-        if q.items.len() >= q.compact_at {
-            coalesced = compact(&mut q.items);
-            q.compact_at = q.capacity.max(q.items.len() * 2);
-        }
         if matches!(event, Event::End(_)) {
             q.ended = true;
         }
-        let deferrable = matches!(event, Event::Presence(_));
-        q.items.push_back(event);
+        if let Some((relay, session)) = &q.relay {
+            return relay.push(*session, event);
+        }
+        let coalesced = push_bounded(&mut q, event);
+        let deferrable = matches!(q.items.back(), Some(Event::Presence(_)));
         if let Some(w) = q.waker.take() {
             match &self.batcher {
                 Some(b) if deferrable => b.defer(self.wake_group.load(Ordering::Relaxed), w),
@@ -159,6 +256,17 @@ impl Subscriber {
             }
         }
         coalesced
+    }
+
+    /// A relay session's welcome is out: from now on every event goes to `relay`, after what
+    /// this session queued meanwhile.
+    pub(crate) fn forward_to(&self, relay: Arc<RelayQueue>, session: u64) {
+        let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        for event in q.items.drain(..) {
+            relay.push(session, event);
+        }
+        q.items = VecDeque::new();
+        q.relay = Some((relay, session));
     }
 
     /// Ends the stream: queues `End` (delivered after what is already queued) and wakes the
@@ -169,7 +277,8 @@ impl Subscriber {
         self.ended.notify_one();
     }
 
-    /// Answers a ping, in order with the updates already queued.
+    /// Answers a ping, in order with the updates already queued; an older pong still waiting
+    /// is replaced.
     pub fn pong(&self, nonce: u64) {
         self.push(Event::Pong(nonce));
     }
@@ -209,6 +318,7 @@ impl Subscriber {
             waker.wake();
         }
         drop(q);
+        self.missed.lock().expect("missed lock poisoned").clear();
         // The device's inbound task waits on this too: a stream that is gone must not leave
         // its reader behind (a client that half-closed and then went away did).
         self.ended.notify_waiters();
@@ -235,6 +345,124 @@ impl Subscriber {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// Pushes onto a bounded queue: compacts first when full; keeps at most one pong.
+fn push_bounded(q: &mut Queue, event: Event) -> usize {
+    let mut coalesced = 0;
+    if let Event::Pong(_) = event
+        && let Some(i) = q.items.iter().rposition(|e| matches!(e, Event::Pong(_)))
+    {
+        q.items.remove(i);
+    }
+    if q.items.len() >= q.compact_at {
+        coalesced = compact(&mut q.items, |e| match e {
+            Event::Presence(p) => Some(p.user_id.get()),
+            _ => None,
+        });
+        q.compact_at = q.capacity.max(q.items.len() * 2);
+    }
+    q.items.push_back(event);
+    coalesced
+}
+
+/// The shared queue of one relay stream: the events of all its sessions, tagged with the
+/// session, drained by the relay stream which groups identical deliveries (see
+/// `grpc::relay`). Bounded like a subscriber's queue: compaction keeps the newest presence per
+/// session and user, and at most one pong waits.
+pub struct RelayQueue {
+    inner: Mutex<RelayInner>,
+    batcher: Option<Arc<WakeBatcher>>,
+}
+
+struct RelayInner {
+    items: VecDeque<(u64, Event)>,
+    waker: Option<Waker>,
+    compact_at: usize,
+    capacity: usize,
+    ended: bool,
+}
+
+impl RelayQueue {
+    pub(crate) fn new(capacity: usize, batcher: Option<Arc<WakeBatcher>>) -> Arc<RelayQueue> {
+        let capacity = capacity.max(16);
+        Arc::new(RelayQueue {
+            inner: Mutex::new(RelayInner {
+                items: VecDeque::new(),
+                waker: None,
+                compact_at: capacity,
+                capacity,
+                ended: false,
+            }),
+            batcher,
+        })
+    }
+
+    /// Queues one session's event; returns how many presences a compaction replaced.
+    pub(crate) fn push(&self, session: u64, event: Event) -> usize {
+        let mut q = self.inner.lock().expect("relay queue lock poisoned");
+        if q.ended {
+            return 0;
+        }
+        let mut coalesced = 0;
+        if let Event::Pong(_) = event
+            && let Some(i) = q
+                .items
+                .iter()
+                .rposition(|(_, e)| matches!(e, Event::Pong(_)))
+        {
+            q.items.remove(i);
+        }
+        if q.items.len() >= q.compact_at {
+            // Keyed by session and user: a session's newest presence of each user survives.
+            coalesced = compact(&mut q.items, |(s, e)| match e {
+                Event::Presence(p) => Some(p.user_id.get() ^ s.rotate_left(32)),
+                _ => None,
+            });
+            q.compact_at = q.capacity.max(q.items.len() * 2);
+        }
+        let deferrable = matches!(event, Event::Presence(_));
+        q.items.push_back((session, event));
+        if let Some(w) = q.waker.take() {
+            match &self.batcher {
+                Some(b) if deferrable => b.defer(0, w),
+                _ => w.wake(),
+            }
+        }
+        coalesced
+    }
+
+    /// Takes up to `max` queued events, or registers the waker when there are none. None once
+    /// the queue was closed and drained.
+    pub fn poll_drain(&self, cx: &mut Context<'_>, max: usize) -> Poll<Option<Vec<(u64, Event)>>> {
+        let mut q = self.inner.lock().expect("relay queue lock poisoned");
+        if q.items.is_empty() {
+            if q.ended {
+                return Poll::Ready(None);
+            }
+            q.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = q.items.len().min(max);
+        Poll::Ready(Some(q.items.drain(..n).collect()))
+    }
+
+    /// Ends the stream after what is queued.
+    pub fn close(&self) {
+        let mut q = self.inner.lock().expect("relay queue lock poisoned");
+        q.ended = true;
+        if let Some(w) = q.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("relay queue lock poisoned")
+            .items
+            .len()
     }
 }
 
@@ -287,21 +515,21 @@ impl WakeBatcher {
     }
 }
 
-/// Keeps only the newest presence per user (in the order of their newest), and every pong and
-/// end in place. Returns how many events were dropped.
-fn compact(items: &mut VecDeque<Event>) -> usize {
+/// Keeps only the newest presence per key (in the order of their newest), and every other
+/// event in place. Returns how many events were dropped.
+fn compact<T>(items: &mut VecDeque<T>, key: impl Fn(&T) -> Option<u64>) -> usize {
     let before = items.len();
-    let mut newest: HashMap<UserId, usize> = HashMap::with_capacity(before);
+    let mut newest: HashMap<u64, usize> = HashMap::with_capacity(before);
     for (i, e) in items.iter().enumerate() {
-        if let Event::Presence(p) = e {
-            newest.insert(p.user_id, i);
+        if let Some(k) = key(e) {
+            newest.insert(k, i);
         }
     }
     let mut i = 0;
     items.retain(|e| {
-        let keep = match e {
-            Event::Presence(p) => newest.get(&p.user_id) == Some(&i),
-            _ => true,
+        let keep = match key(e) {
+            Some(k) => newest.get(&k) == Some(&i),
+            None => true,
         };
         i += 1;
         keep
@@ -322,6 +550,22 @@ fn decode_visibility(v: u8) -> Visibility {
         0 => Visibility::Everyone,
         1 => Visibility::Contacts,
         _ => Visibility::Nobody,
+    }
+}
+
+fn encode_activity(a: Activity) -> u8 {
+    match a {
+        Activity::Active => 0,
+        Activity::Idle => 1,
+        Activity::Background => 2,
+    }
+}
+
+fn decode_activity(a: u8) -> Activity {
+    match a {
+        0 => Activity::Active,
+        1 => Activity::Idle,
+        _ => Activity::Background,
     }
 }
 
@@ -369,17 +613,19 @@ mod tests {
 
     fn presence(user: u64, version: u64) -> Event {
         Event::Presence(PresenceView {
-            user_id: UserId::parse(user).unwrap(),
             status: Status::Online,
-            last_seen: None,
             version,
-            connected: None,
+            ..PresenceView::unknown(UserId::parse(user).unwrap())
         })
+    }
+
+    fn sub(capacity: usize) -> Arc<Subscriber> {
+        Arc::new(Subscriber::new(1, capacity, None, None))
     }
 
     #[test]
     fn a_full_queue_keeps_only_the_newest_presence_per_user() {
-        let sub = Subscriber::new(1, Visibility::Everyone, 4, None);
+        let sub = sub(4);
         for v in 1..=1000 {
             sub.push(presence(1 + v % 2, v));
         }
@@ -408,6 +654,22 @@ mod tests {
     }
 
     #[test]
+    fn at_most_one_pong_waits_and_it_is_the_newest() {
+        let sub = sub(8);
+        sub.push(presence(1, 1));
+        for nonce in 0..100_000 {
+            sub.pong(nonce);
+        }
+        sub.push(presence(2, 1));
+        let q = sub.queue.lock().unwrap();
+        assert_eq!(
+            q.items,
+            VecDeque::from([presence(1, 1), Event::Pong(99_999), presence(2, 1)]),
+            "a flood of pings leaves one pong, after the updates queued before it"
+        );
+    }
+
+    #[test]
     fn compaction_keeps_pongs_and_order() {
         let mut items: VecDeque<Event> = [
             presence(1, 1),
@@ -416,7 +678,11 @@ mod tests {
             presence(1, 3),
         ]
         .into();
-        assert_eq!(compact(&mut items), 1);
+        let key = |e: &Event| match e {
+            Event::Presence(p) => Some(p.user_id.get()),
+            _ => None,
+        };
+        assert_eq!(compact(&mut items, key), 1);
         assert_eq!(
             items,
             VecDeque::from([Event::Pong(5), presence(2, 2), presence(1, 3)])
@@ -425,7 +691,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_wakes_whoever_waits_for_the_end() {
-        let sub = Arc::new(Subscriber::new(1, Visibility::Everyone, 8, None));
+        let sub = sub(8);
         let waiter = {
             let sub = sub.clone();
             tokio::spawn(async move { sub.ended().await })
@@ -440,7 +706,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stream_ends_after_the_end_event() {
-        let sub = Arc::new(Subscriber::new(1, Visibility::Everyone, 8, None));
+        let sub = sub(8);
         let mut stream = EventStream::new(sub.clone(), Box::new(|| {}));
         sub.push(presence(3, 1));
         sub.end(EndReason::Shutdown);
@@ -448,6 +714,59 @@ mod tests {
         assert_eq!(stream.next().await, Some(presence(3, 1)));
         assert_eq!(stream.next().await, Some(Event::End(EndReason::Shutdown)));
         assert_eq!(stream.next().await, None, "nothing after End");
+    }
+
+    fn welcome() -> Box<Welcome> {
+        Box::new(Welcome {
+            connection_id: "c-1".into(),
+            self_view: PresenceView::unknown(UserId::parse(7).unwrap()),
+            contacts: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_relay_session_forwards_after_what_it_queued_before_its_welcome() {
+        let relay = RelayQueue::new(64, None);
+        let s = sub(8);
+        s.push(presence(1, 1));
+        relay.push(7, Event::Welcome(welcome()));
+        s.forward_to(relay.clone(), 7);
+        s.push(presence(1, 2));
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Some(items)) = relay.poll_drain(&mut cx, 10) else {
+            panic!("three events are queued")
+        };
+        assert_eq!(
+            items,
+            vec![
+                (7, Event::Welcome(welcome())),
+                (7, presence(1, 1)),
+                (7, presence(1, 2))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_relay_queue_keeps_each_sessions_newest_presence_per_user() {
+        let relay = RelayQueue::new(16, None);
+        for v in 1..=1000u64 {
+            relay.push(v % 3, presence(1 + v % 2, v));
+        }
+        assert!(relay.queued() <= 16, "bounded: {}", relay.queued());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Some(items)) = relay.poll_drain(&mut cx, 100) else {
+            panic!("events are queued")
+        };
+        let newest: Vec<u64> = items
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Presence(p) => Some(p.version),
+                _ => None,
+            })
+            .collect();
+        assert!(newest.contains(&1000) && newest.contains(&999) && newest.contains(&998));
     }
 
     /// Records, in order, which receiver each wake-up went to.
@@ -498,12 +817,7 @@ mod tests {
     #[tokio::test]
     async fn a_presence_wake_up_is_deferred_to_the_batch_with_its_group() {
         let batcher = WakeBatcher::start(std::time::Duration::from_secs(3600));
-        let sub = Arc::new(Subscriber::new(
-            1,
-            Visibility::Everyone,
-            8,
-            Some(batcher.clone()),
-        ));
+        let sub = Arc::new(Subscriber::new(1, 8, Some(batcher.clone()), None));
         sub.set_wake_group(42);
         let log = Arc::new(Mutex::new(Vec::new()));
         let waker = futures::task::waker(Arc::new(Woken {

@@ -24,11 +24,11 @@ impl ContactsService {
     }
 }
 
-fn require_service<T>(req: &Request<T>, rpc: &str) -> Result<(), Status> {
+fn require_service<T>(req: &Request<T>, rpc: &str) -> Result<(), ApiError> {
     if identity(req)?.is_service() {
         Ok(())
     } else {
-        Err(Status::permission_denied(format!(
+        Err(ApiError::PermissionDenied(format!(
             "{rpc} is for service callers only"
         )))
     }
@@ -70,8 +70,7 @@ impl pb::contacts_server::Contacts for ContactsService {
     ) -> Result<Response<pb::ListContactsResponse>, Status> {
         require_service(&req, "ListContacts")?;
         let r = req.get_ref();
-        let user = UserId::parse(r.user_id)
-            .map_err(|_| ApiError::Invalid("user_id must be a positive user id".into()))?;
+        let user = convert::one_user_id(r.user_id, "user_id").map_err(ApiError::from)?;
         let limit = match r.page_size {
             0 => DEFAULT_PAGE,
             n if n > MAX_PAGE => {
@@ -91,10 +90,9 @@ impl pb::contacts_server::Contacts for ContactsService {
         };
         let ids = self
             .engine
-            .store()
             .list_contacts(user, after, limit + 1)
             .await
-            .map_err(|e| ApiError::from(crate::engine::EngineError::from(e)))?;
+            .map_err(ApiError::from)?;
         let more = ids.len() > limit as usize;
         let page: Vec<u64> = ids.iter().take(limit as usize).map(|u| u.get()).collect();
         let next_page_token = match (more, page.last()) {

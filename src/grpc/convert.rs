@@ -1,6 +1,11 @@
-//! Proto ⇄ domain. Unknown enum values, STATUS_UNSPECIFIED and id 0 are refused here with a
-//! message that names the field.
-use crate::domain::{InvalidInput, Millis, PresenceView, Privacy, Status, UserId, Visibility};
+//! Proto ⇄ domain. Unknown enum values, UNSPECIFIED where a value is required, ids out of
+//! range and bad texts are refused here with a message that names the field.
+use std::sync::Arc;
+
+use crate::domain::{
+    Activity, CustomStatus, InvalidInput, LastSeenApprox, MAX_USER_ID, Millis, Platform,
+    PresenceView, Privacy, Status, UserId, Visibility,
+};
 use crate::pb;
 
 pub fn status_from_proto(raw: i32, field: &str) -> Result<Status, InvalidInput> {
@@ -22,6 +27,42 @@ pub fn status_to_proto(s: Status) -> pb::Status {
         Status::Away => pb::Status::Away,
         Status::Busy => pb::Status::Busy,
         Status::Offline => pb::Status::Offline,
+    }
+}
+
+/// A device's platform; UNSPECIFIED is allowed (a client that does not say).
+pub fn platform_from_proto(raw: i32, field: &str) -> Result<Platform, InvalidInput> {
+    match pb::Platform::try_from(raw) {
+        Ok(pb::Platform::Unspecified) => Ok(Platform::Unspecified),
+        Ok(pb::Platform::Desktop) => Ok(Platform::Desktop),
+        Ok(pb::Platform::Mobile) => Ok(Platform::Mobile),
+        Ok(pb::Platform::Web) => Ok(Platform::Web),
+        Err(_) => Err(InvalidInput(format!(
+            "{field}: unknown platform value {raw}"
+        ))),
+    }
+}
+
+fn platform_to_proto(p: Platform) -> pb::Platform {
+    match p {
+        Platform::Unspecified => pb::Platform::Unspecified,
+        Platform::Desktop => pb::Platform::Desktop,
+        Platform::Mobile => pb::Platform::Mobile,
+        Platform::Web => pb::Platform::Web,
+    }
+}
+
+pub fn activity_from_proto(raw: i32, field: &str) -> Result<Activity, InvalidInput> {
+    match pb::Activity::try_from(raw) {
+        Ok(pb::Activity::Active) => Ok(Activity::Active),
+        Ok(pb::Activity::Idle) => Ok(Activity::Idle),
+        Ok(pb::Activity::Background) => Ok(Activity::Background),
+        Ok(pb::Activity::Unspecified) => Err(InvalidInput(format!(
+            "{field} must be ACTIVITY_ACTIVE, ACTIVITY_IDLE or ACTIVITY_BACKGROUND, got ACTIVITY_UNSPECIFIED"
+        ))),
+        Err(_) => Err(InvalidInput(format!(
+            "{field}: unknown activity value {raw}"
+        ))),
     }
 }
 
@@ -47,11 +88,18 @@ fn visibility_to_proto(v: Visibility) -> pb::Visibility {
     }
 }
 
-pub fn privacy_from_proto(p: Option<pb::PrivacySettings>) -> Result<Privacy, InvalidInput> {
+/// New privacy settings; an unset `approximate_last_seen` keeps the `current` one.
+pub fn privacy_from_proto(
+    p: Option<pb::PrivacySettings>,
+    current: Privacy,
+) -> Result<Privacy, InvalidInput> {
     let p = p.ok_or_else(|| InvalidInput("settings is required".into()))?;
     Ok(Privacy {
         online: visibility_from_proto(p.online, "settings.online")?,
         last_seen: visibility_from_proto(p.last_seen, "settings.last_seen")?,
+        approximate_last_seen: p
+            .approximate_last_seen
+            .unwrap_or(current.approximate_last_seen),
     })
 }
 
@@ -59,7 +107,16 @@ pub fn privacy_to_proto(p: Privacy) -> pb::PrivacySettings {
     pb::PrivacySettings {
         online: visibility_to_proto(p.online) as i32,
         last_seen: visibility_to_proto(p.last_seen) as i32,
+        approximate_last_seen: Some(p.approximate_last_seen),
     }
+}
+
+fn user_id(raw: u64, field: &str) -> Result<UserId, InvalidInput> {
+    UserId::parse(raw).map_err(|_| {
+        InvalidInput(format!(
+            "{field} must be a positive user id of at most {MAX_USER_ID}, got {raw}"
+        ))
+    })
 }
 
 pub fn user_ids(raw: &[u64], field: &str, max: usize) -> Result<Vec<UserId>, InvalidInput> {
@@ -71,12 +128,12 @@ pub fn user_ids(raw: &[u64], field: &str, max: usize) -> Result<Vec<UserId>, Inv
     }
     raw.iter()
         .enumerate()
-        .map(|(i, &id)| {
-            UserId::parse(id).map_err(|_| {
-                InvalidInput(format!("{field}[{i}] must be a positive user id, got 0"))
-            })
-        })
+        .map(|(i, &id)| user_id(id, &format!("{field}[{i}]")))
         .collect()
+}
+
+pub fn one_user_id(raw: u64, field: &str) -> Result<UserId, InvalidInput> {
+    user_id(raw, field)
 }
 
 pub fn pairs(raw: &[pb::ContactPair], max: usize) -> Result<Vec<(UserId, UserId)>, InvalidInput> {
@@ -89,12 +146,8 @@ pub fn pairs(raw: &[pb::ContactPair], max: usize) -> Result<Vec<(UserId, UserId)
     raw.iter()
         .enumerate()
         .map(|(i, p)| {
-            let a = UserId::parse(p.user_id).map_err(|_| {
-                InvalidInput(format!("pairs[{i}].user_id must be a positive user id"))
-            })?;
-            let b = UserId::parse(p.contact_id).map_err(|_| {
-                InvalidInput(format!("pairs[{i}].contact_id must be a positive user id"))
-            })?;
+            let a = user_id(p.user_id, &format!("pairs[{i}].user_id"))?;
+            let b = user_id(p.contact_id, &format!("pairs[{i}].contact_id"))?;
             if a == b {
                 return Err(InvalidInput(format!(
                     "pairs[{i}]: a user cannot be their own contact ({a})"
@@ -105,10 +158,58 @@ pub fn pairs(raw: &[pb::ContactPair], max: usize) -> Result<Vec<(UserId, UserId)
         .collect()
 }
 
+/// A timestamp from a client, in milliseconds.
+fn millis_from_proto(ts: &prost_types::Timestamp, field: &str) -> Result<Millis, InvalidInput> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(InvalidInput(format!(
+            "{field}.nanos must be in 0..1000000000, got {}",
+            ts.nanos
+        )));
+    }
+    ts.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
+        .ok_or_else(|| InvalidInput(format!("{field} is out of range")))
+}
+
+/// A custom status as the client sent it, validated at `now` (None: clear it).
+pub fn custom_from_proto(
+    raw: Option<pb::CustomStatus>,
+    field: &str,
+    now: Millis,
+) -> Result<Option<CustomStatus>, InvalidInput> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let expires_at = raw
+        .expires_at
+        .as_ref()
+        .map(|t| millis_from_proto(t, &format!("{field}.expires_at")))
+        .transpose()?;
+    CustomStatus::parse(field, raw.text, raw.emoji, expires_at, now)
+}
+
 fn timestamp(ms: Millis) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn approx_to_proto(a: LastSeenApprox) -> pb::LastSeenApprox {
+    match a {
+        LastSeenApprox::Recently => pb::LastSeenApprox::Recently,
+        LastSeenApprox::WithinWeek => pb::LastSeenApprox::WithinWeek,
+        LastSeenApprox::WithinMonth => pb::LastSeenApprox::WithinMonth,
+        LastSeenApprox::LongAgo => pb::LastSeenApprox::LongAgo,
+    }
+}
+
+pub fn custom_to_proto(c: &Arc<CustomStatus>) -> pb::CustomStatus {
+    pb::CustomStatus {
+        text: c.text.clone(),
+        emoji: c.emoji.clone(),
+        expires_at: c.expires_at.map(timestamp),
     }
 }
 
@@ -119,6 +220,17 @@ pub fn presence_to_proto(v: &PresenceView) -> pb::UserPresence {
         last_seen: v.last_seen.map(timestamp),
         version: v.version,
         connected: v.connected,
+        platforms: v
+            .platforms
+            .iter()
+            .map(|p| platform_to_proto(p) as i32)
+            .collect(),
+        idle_since: v.idle_since.map(timestamp),
+        custom_status: v.custom.as_ref().map(custom_to_proto),
+        last_seen_approx: v
+            .last_seen_approx
+            .map_or(pb::LastSeenApprox::Unspecified, approx_to_proto)
+            as i32,
     }
 }
 
@@ -142,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn self_pairs_and_oversize_requests_are_refused() {
+    fn self_pairs_oversize_requests_and_ids_out_of_range_are_refused() {
         let p = |a, b| pb::ContactPair {
             user_id: a,
             contact_id: b,
@@ -160,5 +272,28 @@ mod tests {
                 .0
                 .contains("user_ids[1]")
         );
+        let e = user_ids(&[1 << 63], "user_ids", 10).unwrap_err();
+        assert!(
+            e.0.contains("user_ids[0]") && e.0.contains("at most"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unset_approximate_setting_keeps_the_current_one() {
+        let current = Privacy {
+            approximate_last_seen: false,
+            ..Privacy::default()
+        };
+        let p = privacy_from_proto(
+            Some(pb::PrivacySettings {
+                online: 1,
+                last_seen: 1,
+                approximate_last_seen: None,
+            }),
+            current,
+        )
+        .unwrap();
+        assert!(!p.approximate_last_seen);
     }
 }

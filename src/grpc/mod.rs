@@ -8,6 +8,7 @@ mod error;
 pub mod limits;
 mod observe;
 mod presence;
+mod relay;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,12 +17,13 @@ use futures::future::{Either, Ready, ready};
 use tonic::server::NamedService;
 use tonic::{Request, Status};
 
-use crate::auth::{AuthError, Identity, Verifier};
+use crate::auth::{Identity, Verifier};
 
 pub use contacts::ContactsService;
 pub use error::ApiError;
 pub use observe::ObserveLayer;
 pub use presence::PresenceService;
+pub use relay::RelayService;
 
 /// Request-size limits checked at the edge, before any work.
 #[derive(Debug, Clone)]
@@ -32,6 +34,10 @@ pub struct RequestLimits {
     pub max_pairs: usize,
     /// How long an Authenticate stream may wait before its hello.
     pub hello_timeout: std::time::Duration,
+    /// Most streams of one connection waiting for their hello.
+    pub max_hello_pending_per_conn: u32,
+    /// Most sessions on one relay stream.
+    pub max_relay_sessions: usize,
 }
 
 /// Verifies every call's credentials and puts the [`Identity`] in the request's extensions.
@@ -98,21 +104,15 @@ where
                 req.extensions_mut().insert(identity);
                 Either::Right(self.inner.call(req))
             }
-            Err(e) => {
-                let status = match e {
-                    AuthError::Unauthenticated(m) => Status::unauthenticated(m),
-                    AuthError::Forbidden(m) => Status::permission_denied(m),
-                };
-                Either::Left(ready(Ok(status.into_http())))
-            }
+            Err(e) => Either::Left(ready(Ok(Status::from(ApiError::from(e)).into_http()))),
         }
     }
 }
 
 /// The identity [`IdentityLayer`] verified.
-fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
+fn identity<T>(req: &Request<T>) -> Result<Identity, ApiError> {
     req.extensions()
         .get::<Identity>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("no verified identity on this call"))
+        .ok_or_else(|| ApiError::Unauthenticated("no verified identity on this call".into()))
 }

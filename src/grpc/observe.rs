@@ -1,6 +1,10 @@
 //! A tower layer around every RPC: a tracing span per call, a counter and a latency histogram by
 //! method and gRPC code. For streaming calls the latency is the time to the response headers
 //! (the stream's setup), and the code is the one known then (errors at setup, else OK).
+//!
+//! The method label comes from the set of methods this server has; any other path (anyone can
+//! send any path, before any identity check) is counted as `unknown`, so that labels, and the
+//! memory they take, are bounded by the contract, not by what clients send.
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,6 +12,36 @@ use std::time::Instant;
 
 use tower::{Layer, Service};
 use tracing::Instrument;
+
+/// Every method path this server serves, as `Service/Method` labels.
+const METHODS: &[&str] = &[
+    "presence.v1.Presence/Authenticate",
+    "presence.v1.Presence/UpdateStatus",
+    "presence.v1.Presence/GetPresence",
+    "presence.v1.Presence/WatchContacts",
+    "presence.v1.Presence/GetStats",
+    "presence.v1.Presence/SetPrivacy",
+    "presence.v1.Presence/GetPrivacy",
+    "presence.v1.Presence/SetCustomStatus",
+    "presence.v1.Contacts/AddContacts",
+    "presence.v1.Contacts/RemoveContacts",
+    "presence.v1.Contacts/ListContacts",
+    "presence.v1.RelayService/Relay",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The label of a request path: one of [`METHODS`], or `unknown`.
+fn method_label(path: &str) -> &'static str {
+    let method = path.strip_prefix('/').unwrap_or(path);
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("unknown")
+}
 
 #[derive(Clone, Default)]
 pub struct ObserveLayer;
@@ -38,19 +72,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req
-            .uri()
-            .path()
-            .rsplit('/')
-            .take(2)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("/");
+        let method = method_label(req.uri().path());
         let span = tracing::info_span!(
             "rpc",
-            %method,
+            method,
             caller = tracing::field::Empty,
             code = tracing::field::Empty
         );
@@ -78,7 +103,7 @@ where
                 tracing::Span::current().record("code", tracing::field::debug(code));
                 tracing::debug!(?elapsed, "rpc answered");
                 let code = format!("{code:?}");
-                metrics::counter!("presence_rpc_total", "method" => method.clone(), "code" => code.clone())
+                metrics::counter!("presence_rpc_total", "method" => method, "code" => code.clone())
                     .increment(1);
                 metrics::histogram!("presence_rpc_seconds", "method" => method, "code" => code)
                     .record(elapsed.as_secs_f64());
@@ -86,5 +111,27 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn every_method_of_the_contract_has_its_label_and_nothing_else_does() {
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    assert_ne!(method_label(&path), "unknown", "{path} has a label");
+                }
+            }
+        }
+        assert_eq!(method_label("/x.Y/Z"), "unknown");
+        assert_eq!(method_label(&format!("/{}", "a".repeat(4000))), "unknown");
     }
 }

@@ -2,44 +2,52 @@
 //! views back out as protos.
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Identity;
-use crate::domain::{UserId, Viewer};
-use crate::engine::{EndReason, Engine, Event, Subscriber};
+use crate::domain::{PresenceView, UserId, Viewer, now_millis, printable};
+use crate::engine::{EndReason, Engine, Event, Subscriber, Welcome};
 use crate::pb::{self, client_message::Kind as ClientKind, server_message::Kind as ServerKind};
 
 use super::convert::{self, presence_to_proto};
-use super::limits::RateLimits;
+use super::limits::{HelloGate, RateLimits};
 use super::{ApiError, RequestLimits, identity};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Longest accepted device label.
-const MAX_DEVICE_LABEL: usize = 64;
+/// Longest accepted device label, in characters.
+pub const MAX_DEVICE_LABEL: usize = 64;
+
+/// Most users in one welcome, snapshot or resync message: a larger list comes in pages, so a
+/// user with a million contacts still connects (each page stays far below the message limit).
+pub const PAGE: usize = 1000;
 
 #[derive(Clone)]
 pub struct PresenceService {
     engine: Engine,
     limits: RequestLimits,
     rates: Arc<RateLimits>,
+    hellos: Arc<HelloGate>,
 }
 
 impl PresenceService {
     pub fn new(engine: Engine, limits: RequestLimits, rates: Arc<RateLimits>) -> Self {
+        let hellos = HelloGate::new(limits.max_hello_pending_per_conn);
         PresenceService {
             engine,
             limits,
             rates,
+            hellos,
         }
     }
 }
 
 /// The user a call acts as, or a clear refusal for a service that did not name one.
-fn acting_user(id: &Identity, rpc: &str) -> Result<UserId, ApiError> {
+pub(super) fn acting_user(id: &Identity, rpc: &str) -> Result<UserId, ApiError> {
     id.user().ok_or_else(|| {
         ApiError::FailedPrecondition(format!(
             "{rpc} acts as a user: a service caller must name one with x-presence-user-id"
@@ -48,7 +56,7 @@ fn acting_user(id: &Identity, rpc: &str) -> Result<UserId, ApiError> {
 }
 
 /// Users, and services acting for a user, see through that user's eyes; services see all.
-fn viewer_of(id: &Identity) -> Viewer {
+pub(super) fn viewer_of(id: &Identity) -> Viewer {
     match id.user() {
         Some(u) => Viewer::User(u),
         None => Viewer::Service,
@@ -56,24 +64,129 @@ fn viewer_of(id: &Identity) -> Viewer {
 }
 
 /// Tells the streams of one HTTP/2 connection apart from other connections' (by the peer's
-/// address), so their deliveries are released together; 0 when the transport has no address.
-fn wake_group<T>(req: &Request<T>) -> u64 {
+/// address), so their deliveries are released together and their hellos counted together; 0
+/// when the transport has no address.
+pub(super) fn connection_key<T>(req: &Request<T>) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     req.remote_addr().map_or(0, |a| {
         BuildHasherDefault::<DefaultHasher>::default().hash_one(a)
     })
 }
 
-fn end_status(reason: &EndReason) -> Status {
-    match reason {
-        EndReason::Shutdown => {
-            Status::unavailable("the server is shutting down; reconnect (to another node)")
-        }
-        EndReason::Expired => Status::unauthenticated("the token of this stream expired"),
-        EndReason::InvalidInput(m) => Status::invalid_argument(m.clone()),
-        EndReason::LimitExceeded(m) => Status::resource_exhausted(m.clone()),
+/// A device label as a client sent it: at most [`MAX_DEVICE_LABEL`] characters, no control or
+/// format characters (it goes into logs).
+pub(super) fn device_label(raw: &str, field: &str) -> Result<(), ApiError> {
+    if raw.chars().count() > MAX_DEVICE_LABEL {
+        return Err(ApiError::Invalid(format!(
+            "{field} is longer than {MAX_DEVICE_LABEL} characters"
+        )));
+    }
+    if printable(raw, MAX_DEVICE_LABEL) != raw {
+        return Err(ApiError::Invalid(format!(
+            "{field} must be printable: no control or format characters, got {:?}",
+            printable(raw, MAX_DEVICE_LABEL)
+        )));
+    }
+    Ok(())
+}
+
+/// A list of views cut into pages (at least one, possibly empty).
+pub(super) fn pages(views: &[PresenceView]) -> Vec<Vec<pb::UserPresence>> {
+    let mut pages: Vec<Vec<pb::UserPresence>> = views
+        .chunks(PAGE)
+        .map(|c| c.iter().map(presence_to_proto).collect())
+        .collect();
+    if pages.is_empty() {
+        pages.push(Vec::new());
+    }
+    pages
+}
+
+/// A welcome in pages, each with the connection id and self; the last one marked.
+pub(super) fn welcome_pages(w: &Welcome) -> Vec<pb::Welcome> {
+    let pages = pages(&w.contacts);
+    let n = pages.len();
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, contacts)| pb::Welcome {
+            connection_id: w.connection_id.clone(),
+            self_: Some(presence_to_proto(&w.self_view)),
+            contacts,
+            last_page: i + 1 == n,
+        })
+        .collect()
+}
+
+/// A resync in pages; the last one marked.
+pub(super) fn resync_pages(views: &[PresenceView]) -> Vec<pb::Resync> {
+    let pages = pages(views);
+    let n = pages.len();
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, users)| pb::Resync {
+            users,
+            last_page: i + 1 == n,
+        })
+        .collect()
+}
+
+/// One event as the messages of a device stream (several for a long resync).
+fn device_messages(event: Event) -> Vec<Result<pb::ServerMessage, Status>> {
+    let msg = |kind| Ok(pb::ServerMessage { kind: Some(kind) });
+    match event {
+        Event::Presence(v) => vec![msg(ServerKind::PresenceUpdated(presence_to_proto(&v)))],
+        Event::Pong(nonce) => vec![msg(ServerKind::Pong(pb::Pong { nonce }))],
+        Event::Resync(views) => resync_pages(&views)
+            .into_iter()
+            .map(|r| msg(ServerKind::Resync(r)))
+            .collect(),
+        Event::Welcome(_) => Vec::new(),
+        Event::End(reason) => vec![Err(ApiError::from(reason).into())],
     }
 }
+
+/// A stream that ends with UNAUTHENTICATED when its token expires.
+struct Expiring<T> {
+    inner: BoxStream<T>,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+}
+
+impl<T> Expiring<T> {
+    fn new(inner: BoxStream<T>, expires_at: Option<u64>) -> Self {
+        let expiry = expires_at.map(|exp| {
+            let left = exp.saturating_sub(crate::auth::unix_now());
+            Box::pin(tokio::time::sleep(Duration::from_secs(left)))
+        });
+        Expiring {
+            inner,
+            expiry,
+            done: false,
+        }
+    }
+}
+
+impl<T> Stream for Expiring<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(expiry) = &mut self.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            self.done = true;
+            let expired = ApiError::Expired("the token of this stream expired".into());
+            return Poll::Ready(Some(Err(expired.into())));
+        }
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+use std::future::Future as _;
 
 #[tonic::async_trait]
 impl pb::presence_server::Presence for PresenceService {
@@ -85,37 +198,39 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<Self::AuthenticateStream>, Status> {
         let id = identity(&req)?;
         let user = acting_user(&id, "Authenticate")?;
-        let group = wake_group(&req);
+        let connection = connection_key(&req);
+        let waiting = self.hellos.enter(connection)?;
         let mut inbound = req.into_inner();
         let hello = tokio::time::timeout(self.limits.hello_timeout, inbound.message())
             .await
             .map_err(|_| {
-                Status::deadline_exceeded(format!(
+                ApiError::DeadlineExceeded(format!(
                     "no hello within {} s (PRESENCE_HELLO_TIMEOUT_S)",
                     self.limits.hello_timeout.as_secs()
                 ))
             })??;
-        let device = match hello.and_then(|m| m.kind) {
-            Some(ClientKind::Hello(h)) => h.device,
+        drop(waiting);
+        let hello = match hello.and_then(|m| m.kind) {
+            Some(ClientKind::Hello(h)) => h,
             Some(_) => {
-                return Err(Status::failed_precondition(
-                    "the first message on Authenticate must be hello",
-                ));
+                return Err(ApiError::FailedPrecondition(
+                    "the first message on Authenticate must be hello".into(),
+                )
+                .into());
             }
             None => {
-                return Err(Status::failed_precondition(
-                    "the stream closed before its hello",
-                ));
+                return Err(ApiError::FailedPrecondition(
+                    "the stream closed before its hello".into(),
+                )
+                .into());
             }
         };
-        if device.chars().count() > MAX_DEVICE_LABEL {
-            return Err(Status::invalid_argument(format!(
-                "hello.device is longer than {MAX_DEVICE_LABEL} characters"
-            )));
-        }
+        device_label(&hello.device, "hello.device")?;
+        let platform = convert::platform_from_proto(hello.platform, "hello.platform")
+            .map_err(ApiError::from)?;
         let session = self
             .engine
-            .connect_device(user)
+            .connect_device(user, platform)
             .await
             .map_err(ApiError::from)?;
         let welcome = &session.welcome;
@@ -124,18 +239,19 @@ impl pb::presence_server::Presence for PresenceService {
         tracing::debug!(
             user_id = %user,
             connection_id = %welcome.connection_id,
-            device = %device,
+            device = %hello.device,
             "device connected"
         );
-        let first = pb::ServerMessage {
-            kind: Some(ServerKind::Welcome(pb::Welcome {
-                connection_id: welcome.connection_id.clone(),
-                self_: Some(presence_to_proto(&welcome.self_view)),
-                contacts: welcome.contacts.iter().map(presence_to_proto).collect(),
-            })),
-        };
+        let first: Vec<Result<pb::ServerMessage, Status>> = welcome_pages(welcome)
+            .into_iter()
+            .map(|w| {
+                Ok(pb::ServerMessage {
+                    kind: Some(ServerKind::Welcome(w)),
+                })
+            })
+            .collect();
         let sub = session.stream.subscriber().clone();
-        sub.set_wake_group(group);
+        sub.set_wake_group(connection);
         let inbound_task = InboundTask {
             engine: self.engine.clone(),
             rates: self.rates.clone(),
@@ -144,18 +260,10 @@ impl pb::presence_server::Presence for PresenceService {
             expires_at: id.expires_at,
         };
         tokio::spawn(inbound_task.run(inbound));
-        let updates = session.stream.map(|event| match event {
-            Event::Presence(v) => Ok(pb::ServerMessage {
-                kind: Some(ServerKind::PresenceUpdated(presence_to_proto(&v))),
-            }),
-            Event::Pong(nonce) => Ok(pb::ServerMessage {
-                kind: Some(ServerKind::Pong(pb::Pong { nonce })),
-            }),
-            Event::End(reason) => Err(end_status(&reason)),
-        });
-        Ok(Response::new(Box::pin(
-            stream::once(async { Ok(first) }).chain(updates),
-        )))
+        let updates = session
+            .stream
+            .flat_map(|event| stream::iter(device_messages(event)));
+        Ok(Response::new(Box::pin(stream::iter(first).chain(updates))))
     }
 
     async fn update_status(
@@ -208,24 +316,37 @@ impl pb::presence_server::Presence for PresenceService {
         let ids = convert::user_ids(&req.get_ref().user_ids, "user_ids", self.limits.max_ids)
             .map_err(ApiError::from)?;
         let viewer = viewer_of(&id);
-        if viewer == Viewer::Service && ids.is_empty() {
-            return Err(ApiError::Invalid(
-                "user_ids is empty: a service caller has no contacts; list the users to watch"
-                    .into(),
-            )
-            .into());
+        match viewer {
+            Viewer::Service if ids.is_empty() => {
+                return Err(ApiError::Invalid(
+                    "user_ids is empty: a service caller has no contacts; list the users to watch"
+                        .into(),
+                )
+                .into());
+            }
+            Viewer::User(u) => self.rates.presence_ids(u, ids.len())?,
+            Viewer::Service => {}
         }
         let (stream, snapshot) = self
             .engine
             .watch(viewer, &ids)
             .await
             .map_err(ApiError::from)?;
-        stream.subscriber().set_wake_group(wake_group(&req));
-        let first = pb::WatchContactsResponse {
-            kind: Some(pb::watch_contacts_response::Kind::Snapshot(pb::Snapshot {
-                users: snapshot.iter().map(presence_to_proto).collect(),
-            })),
-        };
+        stream.subscriber().set_wake_group(connection_key(&req));
+        let pages = pages(&snapshot);
+        let n = pages.len();
+        let first: Vec<Result<pb::WatchContactsResponse, Status>> = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, users)| {
+                Ok(pb::WatchContactsResponse {
+                    kind: Some(pb::watch_contacts_response::Kind::Snapshot(pb::Snapshot {
+                        users,
+                        last_page: i + 1 == n,
+                    })),
+                })
+            })
+            .collect();
         let updates = stream.filter_map(|event| async move {
             match event {
                 Event::Presence(v) => Some(Ok(pb::WatchContactsResponse {
@@ -233,13 +354,13 @@ impl pb::presence_server::Presence for PresenceService {
                         presence_to_proto(&v),
                     )),
                 })),
-                Event::Pong(_) => None,
-                Event::End(reason) => Some(Err(end_status(&reason))),
+                Event::End(reason) => Some(Err(ApiError::from(reason).into())),
+                Event::Pong(_) | Event::Resync(_) | Event::Welcome(_) => None,
             }
         });
-        Ok(Response::new(Box::pin(
-            stream::once(async { Ok(first) }).chain(updates),
-        )))
+        let all: BoxStream<pb::WatchContactsResponse> =
+            Box::pin(stream::iter(first).chain(updates));
+        Ok(Response::new(Box::pin(Expiring::new(all, id.expires_at))))
     }
 
     async fn get_stats(
@@ -248,9 +369,9 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let id = identity(&req)?;
         if !id.is_service() {
-            return Err(Status::permission_denied(
-                "GetStats is for service callers only",
-            ));
+            return Err(
+                ApiError::PermissionDenied("GetStats is for service callers only".into()).into(),
+            );
         }
         let s = self.engine.stats();
         Ok(Response::new(pb::GetStatsResponse {
@@ -262,6 +383,7 @@ impl pb::presence_server::Presence for PresenceService {
             db_statements: s.db_statements,
             db_rows: s.db_rows,
             coalesced: s.coalesced,
+            passive_skipped: s.passive_skipped,
         }))
     }
 
@@ -271,8 +393,9 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<pb::PrivacySettings>, Status> {
         let id = identity(&req)?;
         let user = acting_user(&id, "SetPrivacy")?;
-        let privacy =
-            convert::privacy_from_proto(req.into_inner().settings).map_err(ApiError::from)?;
+        let current = self.engine.privacy(user).await.map_err(ApiError::from)?;
+        let privacy = convert::privacy_from_proto(req.into_inner().settings, current)
+            .map_err(ApiError::from)?;
         self.rates.status_change(user)?;
         let saved = self
             .engine
@@ -290,6 +413,27 @@ impl pb::presence_server::Presence for PresenceService {
         let user = acting_user(&id, "GetPrivacy")?;
         let p = self.engine.privacy(user).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::privacy_to_proto(p)))
+    }
+
+    async fn set_custom_status(
+        &self,
+        req: Request<pb::SetCustomStatusRequest>,
+    ) -> Result<Response<pb::UserPresence>, Status> {
+        let id = identity(&req)?;
+        let user = acting_user(&id, "SetCustomStatus")?;
+        let custom = convert::custom_from_proto(
+            req.into_inner().custom_status,
+            "custom_status",
+            now_millis(),
+        )
+        .map_err(ApiError::from)?;
+        self.rates.status_change(user)?;
+        let view = self
+            .engine
+            .set_custom_status(user, custom)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(presence_to_proto(&view)))
     }
 }
 
@@ -322,8 +466,8 @@ impl InboundTask {
                 msg = inbound.message(), if open => match msg {
                     Ok(Some(m)) => {
                         // Boxed: a future is as large as its largest state, and this rare one
-                        // (a status change through the engine) made the task that every
-                        // connected device keeps for hours 1,552 bytes instead of 856.
+                        // (a change through the engine) made the task that every connected
+                        // device keeps for hours 1,552 bytes instead of 856.
                         if let Err(reason) = Box::pin(self.handle(m)).await {
                             tracing::info!(
                                 user_id = %self.user,
@@ -379,11 +523,22 @@ impl InboundTask {
                 }
                 Ok(())
             }
+            Some(ClientKind::SetActivity(a)) => {
+                let activity = convert::activity_from_proto(a.activity, "set_activity.activity")
+                    .map_err(|e| EndReason::InvalidInput(e.0))?;
+                // Over the limit the change is ignored (and counted), the stream goes on.
+                if self.rates.activity_change(self.sub.id()).is_ok() {
+                    self.engine
+                        .set_activity(&self.sub, self.user, activity)
+                        .await;
+                }
+                Ok(())
+            }
             Some(ClientKind::Hello(_)) => Err(EndReason::InvalidInput(
                 "hello was already received on this stream".into(),
             )),
             None => Err(EndReason::InvalidInput(
-                "empty ClientMessage: set one of hello, update_status, ping".into(),
+                "empty ClientMessage: set one of hello, update_status, ping, set_activity".into(),
             )),
         }
     }

@@ -364,7 +364,11 @@ async fn unknown_or_unspecified_visibility_is_refused_and_privacy_is_unchanged()
         let r = app
             .presence()
             .set_privacy(me.request(pb::SetPrivacyRequest {
-                settings: Some(pb::PrivacySettings { online, last_seen }),
+                settings: Some(pb::PrivacySettings {
+                    online,
+                    last_seen,
+                    approximate_last_seen: None,
+                }),
             }))
             .await;
         assert_refused(r, Code::InvalidArgument, &[word], "a bad visibility");

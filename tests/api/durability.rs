@@ -55,7 +55,7 @@ async fn presence_survives_a_restart_with_status_last_seen_and_version_intact() 
         app.presence_of(&user(2), 1).await,
         presence::pb::UserPresence {
             connected: None,
-            ..before
+            ..before.clone()
         },
         "a contact sees the same, without the service-only `connected`"
     );

@@ -254,6 +254,7 @@ impl TestApp {
                 settings: Some(pb::PrivacySettings {
                     online: online as i32,
                     last_seen: last_seen as i32,
+                    approximate_last_seen: None,
                 }),
             }))
             .await?;
@@ -443,16 +444,14 @@ pub fn never_seen(id: u64) -> pb::UserPresence {
     pb::UserPresence {
         user_id: id,
         status: pb::Status::Offline as i32,
-        last_seen: None,
-        version: 0,
-        connected: None,
+        ..Default::default()
     }
 }
 
 pub fn find(list: &[pb::UserPresence], id: u64) -> pb::UserPresence {
-    *list
-        .iter()
+    list.iter()
         .find(|p| p.user_id == id)
+        .cloned()
         .unwrap_or_else(|| panic!("user {id} is in {list:?}"))
 }
 

@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+#[path = "../common/mysql_db.rs"]
+mod mysql_db;
+pub use mysql_db::MySqlDatabase;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
 
@@ -271,14 +275,49 @@ impl Drop for Node {
     }
 }
 
-/// Nodes sharing one Redis under one key prefix, each on its own SQLite file.
+/// Where a cluster's nodes keep their rows: one database for all of them, as operators run it.
+pub enum Database {
+    /// One SQLite file every node opens (the default suite).
+    Sqlite(TempDir),
+    /// One MySQL database of the test's own (dropped with it).
+    MySql(MySqlDatabase),
+}
+
+impl Database {
+    /// A fresh shared SQLite file.
+    pub fn sqlite() -> Database {
+        Database::Sqlite(tempfile::tempdir().expect("a temporary directory for the database"))
+    }
+
+    /// A fresh MySQL database on `PRESENCE_TEST_MYSQL_URL`, or None (skip) outside CI when it
+    /// is not set.
+    pub async fn mysql() -> Option<Database> {
+        match std::env::var("PRESENCE_TEST_MYSQL_URL") {
+            Ok(url) if !url.trim().is_empty() => {
+                Some(Database::MySql(MySqlDatabase::create(url).await))
+            }
+            _ => unavailable("PRESENCE_TEST_MYSQL_URL is not set"),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Database::Sqlite(dir) => {
+                format!("sqlite://{}", dir.path().join("cluster.db").display())
+            }
+            Database::MySql(db) => db.url(),
+        }
+    }
+}
+
+/// Nodes sharing one Redis under one key prefix, and one database.
 pub struct Cluster {
     /// The Redis every node shares.
     pub redis_url: String,
     /// Every key and channel of this cluster starts with it; deleted on drop.
     pub prefix: String,
-    /// Holds the nodes' SQLite files (`nodeN.db`), kept across a node's restart.
-    dir: TempDir,
+    /// The database every node shares, kept across a node's restart.
+    pub database: Database,
     pub nodes: Vec<Node>,
     /// Extra environment of every node (after the defaults).
     env: Vec<(String, String)>,
@@ -300,10 +339,20 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra environment for every node.
     pub async fn start_with(redis_url: &str, count: usize, env: &[(&str, &str)]) -> Cluster {
+        Self::start_on(Database::sqlite(), redis_url, count, env).await
+    }
+
+    /// `count` nodes on `redis_url` and `database`.
+    pub async fn start_on(
+        database: Database,
+        redis_url: &str,
+        count: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let mut cluster = Cluster {
             redis_url: redis_url.to_string(),
             prefix: unique_prefix(),
-            dir: tempfile::tempdir().expect("a temporary directory for the nodes' databases"),
+            database,
             nodes: Vec::new(),
             env: env
                 .iter()
@@ -326,7 +375,6 @@ impl Cluster {
     /// Starts node `i` with `extra` environment on top of the cluster's.
     pub async fn spawn(&self, i: usize, extra: &[(&str, &str)]) -> Node {
         let name = NAMES[i].to_string();
-        let db = self.dir.path().join(format!("node{i}.db"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
         command.args(["serve", "--listen", "127.0.0.1:0"]);
         // The test's own environment must not leak settings into the nodes.
@@ -340,7 +388,7 @@ impl Cluster {
         }
         let ttl = LEASE_TTL_S.to_string();
         command
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("DATABASE_URL", self.database.url())
             .env("REDIS_URL", &self.redis_url)
             .env("PRESENCE_REDIS_PREFIX", &self.prefix)
             .env("PRESENCE_NODE_LEASE_TTL_S", &ttl)
@@ -416,13 +464,27 @@ impl Cluster {
         format!("{}:{suffix}", self.prefix)
     }
 
+    /// The hash of a user's shared presence (see src/cluster/redis.rs for the key scheme).
+    fn user_key(&self, user: u64) -> String {
+        format!(
+            "{}:u:{{{}}}:{user}",
+            self.prefix,
+            user % presence::cluster::redis::GROUPS
+        )
+    }
+
+    /// A control key (registrations, leases, claims): one slot, tagged by the prefix.
+    fn control_key(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.prefix)
+    }
+
     /// The node registrations in Redis (`{prefix}:nodes`): node id → its last lease renewal.
     /// The tests read Redis only to know when something has happened inside the cluster that
     /// no RPC shows (a registration claimed, a device count gone), never to decide an outcome.
     pub fn registrations(&self) -> HashMap<String, i64> {
         let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
         redis::cmd("HGETALL")
-            .arg(self.key("nodes"))
+            .arg(self.control_key("nodes"))
             .query(&mut conn)
             .expect("HGETALL of the registrations")
     }
@@ -431,17 +493,23 @@ impl Cluster {
     pub fn device_nodes(&self, user: u64) -> usize {
         let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
         let hash: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.key(&format!("u:{user}")))
+            .arg(self.user_key(user))
             .query(&mut conn)
             .expect("HGETALL of a user's shared presence");
-        hash.keys().filter(|k| k.starts_with("d:")).count()
+        // d:NODE = "seq,total,active,…": a node whose devices left keeps its entry at 0.
+        hash.iter()
+            .filter(|(k, v)| {
+                k.starts_with("d:")
+                    && v.split(',').nth(1).and_then(|t| t.parse::<u32>().ok()) > Some(0)
+            })
+            .count()
     }
 
     /// Whether Redis holds a shared presence of `user` (its hash exists).
     pub fn user_known(&self, user: u64) -> bool {
         let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
         redis::cmd("EXISTS")
-            .arg(self.key(&format!("u:{user}")))
+            .arg(self.user_key(user))
             .query(&mut conn)
             .expect("EXISTS of a user's shared presence")
     }
@@ -485,7 +553,7 @@ impl Cluster {
             let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{}:*", self.prefix))
+                .arg(format!("*{}*", self.prefix))
                 .arg("COUNT")
                 .arg(1000)
                 .query(&mut conn)

@@ -31,3 +31,4 @@ mod harness;
 mod node_death;
 mod pause;
 mod redis_outage;
+mod shared_database;

@@ -93,6 +93,7 @@ pub fn hello(device: &str) -> pb::ClientMessage {
     pb::ClientMessage {
         kind: Some(client_message::Kind::Hello(pb::Hello {
             device: device.to_string(),
+            ..Default::default()
         })),
     }
 }

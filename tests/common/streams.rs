@@ -168,7 +168,11 @@ impl Device {
             Some(server_message::Kind::Welcome(w)) => w,
             other => panic!("the first server message is a welcome, got {other:?}"),
         };
-        let user = welcome.self_.map(|p| p.user_id).unwrap_or_default();
+        let user = welcome
+            .self_
+            .as_ref()
+            .map(|p| p.user_id)
+            .unwrap_or_default();
         let stream = stream.map(|m| {
             m.map(|m| match m.kind {
                 Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
@@ -190,6 +194,7 @@ impl Device {
     pub fn me(&self) -> pb::UserPresence {
         self.welcome
             .self_
+            .clone()
             .expect("the welcome has the caller's own presence")
     }
 

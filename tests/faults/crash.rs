@@ -169,7 +169,7 @@ async fn versions_never_go_backwards_across_kill_9() {
     let restarted = ServerProcess::serve(&url, &env(&[("PRESENCE_FLUSH_INTERVAL_MS", "50")])).await;
     let channel = connect(restarted.addr()).await;
     let mut watcher = Watcher::open(&channel, &service(), &[1]).await;
-    let snapshot = watcher.snapshot[0];
+    let snapshot = watcher.snapshot[0].clone();
     let read = get_presence(&channel, &service(), &[1])
         .await
         .expect("a service may read presence")

@@ -241,7 +241,7 @@ async fn during_a_database_outage_presence_is_served_from_memory_and_rows_conver
     // Nothing changes any more: memory is the truth the rows must reach.
     let truth = presence_as_service(&channel, &users).await;
     let mut previous: HashMap<u64, PresenceRow> =
-        stale.iter().map(|r| (r.user_id.get(), *r)).collect();
+        stale.iter().map(|r| (r.user_id.get(), r.clone())).collect();
     let converged_after = loop {
         let rows = real
             .load_presence(&users.map(uid))
@@ -254,7 +254,7 @@ async fn during_a_database_outage_presence_is_served_from_memory_and_rows_conver
                     "a stored row moved backwards: {p:?} then {r:?}"
                 );
             }
-            previous.insert(r.user_id.get(), *r);
+            previous.insert(r.user_id.get(), r.clone());
         }
         let all_match = truth.iter().all(|t| {
             rows.iter()

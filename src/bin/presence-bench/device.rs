@@ -126,6 +126,7 @@ async fn attempt(shared: &Shared, user: u64, started: Instant) -> anyhow::Result
         .send(pb::ClientMessage {
             kind: Some(client_message::Kind::Hello(pb::Hello {
                 device: "bench".into(),
+                ..Default::default()
             })),
         })
         .expect("the receiver is alive: it is right here");
@@ -180,6 +181,7 @@ struct View {
     own_last: u64,
 }
 
+#[allow(clippy::large_enum_variant)] // One short-lived value per message: not worth a box.
 enum Step {
     Message(Result<Option<pb::ServerMessage>, tonic::Status>),
     Command(Option<Cmd>),

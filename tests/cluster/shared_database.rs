@@ -1,0 +1,104 @@
+//! Nodes on ONE MySQL database and one Redis, as operators run them (issue 13): a node's start
+//! or stop touches nobody else's users, versions grow by the changes made and nothing more, and
+//! a node killed while others run is recovered for its own users only.
+use presence::pb::Status;
+
+use crate::clients::{Device, add_contacts, converge, presence_on, set_status, status_of};
+use crate::harness::{Cluster, Database, WAIT, exclusive, shared_redis};
+
+const X: u64 = 1;
+const W: u64 = 2;
+const Y: u64 = 3;
+const NEVER: u64 = 999;
+
+#[tokio::test]
+async fn nodes_starting_and_stopping_in_turn_on_one_database_touch_nobody_elses_users() {
+    let _turn = exclusive().await;
+    let Some(redis) = shared_redis() else { return };
+    let Some(database) = Database::mysql().await else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(database, &redis, 1, &[]).await;
+    add_contacts(&cluster.nodes, &[(W, X)]).await;
+    let _x = Device::connect(cluster.node(0), X).await;
+    let (before, _) = converge(&cluster.nodes, &[X], WAIT, |p| {
+        status_of(&p[0]) == Status::Online
+    })
+    .await;
+
+    // Node B starts on the same database, then node C; B stops cleanly.
+    let b = cluster.spawn(1, &[]).await;
+    cluster.nodes.push(b);
+    let c = cluster.spawn(2, &[]).await;
+    cluster.nodes.push(c);
+    let (after, _) = converge(&cluster.nodes, &[X, NEVER], WAIT, |_| true).await;
+    assert_eq!(
+        (status_of(&after[0]), after[0].version),
+        (Status::Online, before[0].version),
+        "starting nodes changed nothing about X, who is online on node A"
+    );
+    assert_eq!(
+        (status_of(&after[1]), after[1].version),
+        (Status::Offline, 0),
+        "a never-seen user is version 0 on every node"
+    );
+    cluster.nodes.remove(1);
+    let (after_stop, _) = converge(&cluster.nodes, &[X], WAIT, |_| true).await;
+    assert_eq!(
+        (status_of(&after_stop[0]), after_stop[0].version),
+        (Status::Online, before[0].version),
+        "a node's clean stop changes nothing about another node's users"
+    );
+
+    // A contact on node C sees X's changes made on node A, each exactly one version up.
+    let mut w = Device::connect(cluster.node(1), W).await;
+    assert_eq!(status_of(&w.contact(X)), Status::Online);
+    let busy = set_status(cluster.node(0), X, Status::Busy).await;
+    assert_eq!(
+        busy.version,
+        before[0].version + 1,
+        "one change, one version"
+    );
+    w.expect(X, Status::Busy, WAIT, "X went busy on node A")
+        .await;
+}
+
+#[tokio::test]
+async fn a_node_killed_while_others_run_is_recovered_for_its_own_users_only() {
+    let _turn = exclusive().await;
+    let Some(redis) = shared_redis() else { return };
+    let Some(database) = Database::mysql().await else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(database, &redis, 3, &[]).await;
+    add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
+    let _x = Device::connect(cluster.node(0), X).await;
+    let _y = Device::connect(cluster.node(1), Y).await;
+    let mut w = Device::connect(cluster.node(2), W).await;
+    let y_before = presence_on(cluster.node(2), &[Y]).await.remove(0);
+
+    cluster.nodes[0].kill9();
+    let offline = w.wait_for(X, Status::Offline, WAIT * 2).await;
+    cluster.nodes.remove(0);
+    let (now, _) = converge(&cluster.nodes, &[X, Y], WAIT, |p| {
+        status_of(&p[0]) == Status::Offline
+    })
+    .await;
+    assert_eq!(
+        now[0].version, offline.version,
+        "X offline once, everywhere"
+    );
+    assert_eq!(
+        (status_of(&now[1]), now[1].version),
+        (Status::Online, y_before.version),
+        "Y, on a node that kept running, is untouched by the recovery"
+    );
+    set_status(cluster.node(0), Y, Status::Away).await;
+    w.expect(
+        Y,
+        Status::Away,
+        WAIT,
+        "nothing more about X came in between",
+    )
+    .await;
+}
