@@ -114,7 +114,6 @@ impl Backplane for MemoryBackplane {
 
     async fn transition(&self, batch: Vec<Transition>) -> Result<Vec<Option<(Presence, Outcome)>>> {
         self.check()?;
-        let now = now_millis();
         let mut state = self.hub.lock();
         let mut out = Vec::with_capacity(batch.len());
         for t in batch {
@@ -127,8 +126,8 @@ impl Backplane for MemoryBackplane {
             let p = state
                 .users
                 .entry(t.user)
-                .or_insert_with(|| t.seed.seed_of(&self.node));
-            let outcome = rules::apply(p, &t.op, &self.node, now);
+                .or_insert_with(|| t.seed().seed_of(&self.node));
+            let outcome = rules::apply(p, &t.op, &self.node, t.at);
             let p = p.clone();
             state
                 .node_users

@@ -34,8 +34,22 @@ pub type Result<T> = std::result::Result<T, BackplaneError>;
 pub struct Transition {
     pub user: UserId,
     pub op: Op,
-    /// The node's copy of the user ([`Presence::seed_of`] is taken from it).
+    /// The node's copy of the user ([`Presence::seed_of`] is taken from it). A reconciliation
+    /// is seeded from its own copy instead: see [`Transition::seed`].
     pub seed: Presence,
+    /// When the node made the change (last_seen and idle times come from it).
+    pub at: Millis,
+}
+
+impl Transition {
+    /// What the backplane starts from when it has nothing for the user: for a reconciliation
+    /// the node's copy it carries, else `seed`.
+    pub fn seed(&self) -> &Presence {
+        match &self.op {
+            Op::Reconcile(own) => own,
+            _ => &self.seed,
+        }
+    }
 }
 
 /// What the change channel carries.

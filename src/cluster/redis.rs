@@ -185,8 +185,8 @@ impl RedisBackplane {
     }
 
     /// The script call of one transition.
-    fn transition_cmd(&self, t: &Transition, now: Millis) -> redis::Cmd {
-        let seed = Wire::scalars(&t.seed);
+    fn transition_cmd(&self, t: &Transition) -> redis::Cmd {
+        let seed = Wire::scalars(t.seed());
         let (name, args): (&str, [String; 3]) = match &t.op {
             Op::Devices {
                 seq,
@@ -246,7 +246,7 @@ impl RedisBackplane {
             .arg(self.user_key(t.user))
             .arg(name)
             .arg(&*self.node)
-            .arg(now)
+            .arg(t.at)
             .arg(t.user.get())
             .arg("PUBLISH")
             .arg(self.channel())
@@ -254,7 +254,7 @@ impl RedisBackplane {
             .arg(&seed[..])
             .arg(&args[..])
             .arg(
-                t.seed
+                t.seed()
                     .node(&self.node)
                     .map(|n| format!("{},{}", n.seq, n.devices.encode()))
                     .unwrap_or_default(),
@@ -326,14 +326,13 @@ impl Backplane for RedisBackplane {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let now = now_millis();
         let mine = self.node_users_key(&self.node);
         let mut pipe = redis::pipe();
         for t in &batch {
             // Added before the transition: a reaper of this node finds every user whose state
             // it may have changed and not written yet.
             pipe.cmd("SADD").arg(&mine).arg(t.user.get()).ignore();
-            pipe.add_command(self.transition_cmd(t, now));
+            pipe.add_command(self.transition_cmd(t));
         }
         let replies: Vec<(String, String)> =
             self.note(self.run_scripts(&pipe, &[&self.transition]).await)?;

@@ -45,6 +45,7 @@ impl Engine {
             user,
             op: op.clone(),
             seed,
+            at: now,
         };
         match bp.transition(vec![transition]).await {
             Ok(mut results) => {
@@ -266,6 +267,7 @@ impl Engine {
                     },
                     // Only used if the backplane had no state, and then dropping does nothing.
                     seed: Presence::default(),
+                    at: now_millis(),
                 })
                 .collect();
             match bp.transition(batch).await {
@@ -328,6 +330,7 @@ impl Engine {
                         user,
                         op: Op::Reconcile(Box::new(own.clone())),
                         seed: own,
+                        at: now_millis(),
                     });
                 }
             }
@@ -459,6 +462,7 @@ impl Engine {
                         user,
                         op: self.device_report(e, None),
                         seed: e.presence().clone(),
+                        at: now_millis(),
                     });
                 }
             }
