@@ -37,6 +37,16 @@ COMPOSE=(podman-compose -p "$PROJECT" -f deploy/compose.yaml)
 TMP=$(mktemp -d -t compose-check.XXXXXX)
 T_START=$SECONDS
 
+# down -v removes the named volumes; the anonymous ones (the images' VOLUMEs) are removed here.
+compose_down() {
+  local vols
+  vols=$(podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT" 2>/dev/null \
+    | xargs -r podman inspect --format '{{range .Mounts}}{{if eq .Type "volume"}}{{.Name}} {{end}}{{end}}' 2>/dev/null)
+  "${COMPOSE[@]}" down -v -t 25 >/dev/null 2>&1
+  for v in $vols; do podman volume rm -f "$v" >/dev/null 2>&1; done
+  return 0
+}
+
 GRPCURL_PIDS=()
 STREAM_FDS=()
 EDGE_PID=
@@ -51,7 +61,7 @@ cleanup() {
       echo "--- $c" >&2; podman logs --tail 15 "$c" 2>&1 | cut -c1-240 >&2 || true
     done
   fi
-  "${COMPOSE[@]}" down -v -t 25 >/dev/null 2>&1 || true
+  compose_down
   rm -rf "$TMP"
   [ "$rc" = 0 ] || echo "compose-check: FAILED (rc=$rc)" >&2
   exit "$rc"
@@ -81,7 +91,7 @@ echo "$EDGE_IMAGE built in $((SECONDS - t0))s; $(( $(podman image inspect "$EDGE
 [ -d edge/node_modules/socket.io-client ] || (cd edge && npm ci --no-audit --no-fund)
 
 step "podman-compose up"
-"${COMPOSE[@]}" down -v -t 5 >/dev/null 2>&1 || true     # leftovers of an interrupted run
+compose_down     # leftovers of an interrupted run
 for port in "$PRESENCE_1_PORT" "$PRESENCE_2_PORT" "$PRESENCE_1_METRICS_PORT" "$PRESENCE_2_METRICS_PORT" "$EDGE_HOST_PORT"; do
   ! ss -Hltn "sport = :$port" | grep -q . || die "host port $port is taken (set PRESENCE_1_PORT, ... EDGE_HOST_PORT)"
 done
@@ -218,9 +228,11 @@ echo "both nodes: presence_redis_up 1, presence_store_up 1"
 
 step "podman-compose down"
 t0=$SECONDS
-"${COMPOSE[@]}" down -v -t 25 >/dev/null 2>&1
+compose_down
 echo "down in $((SECONDS - t0))s"
 left=$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}')
 [ -z "$left" ] || die "containers left after down: $left"
+left=$(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT")
+[ -z "$left" ] || die "volumes left after down: $left"
 
 step "compose check: ok ($((SECONDS - T_START))s)"

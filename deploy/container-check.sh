@@ -107,7 +107,7 @@ case "$health" in *presence*health*) ;; *) die "image has no HEALTHCHECK running
 # The shipped binary: present, no DWARF, a debuglink to the split debug file; no bench.
 cid=$(podman create "$IMAGE" 2>/dev/null)
 podman cp "$cid:/usr/local/bin/presence" "$TMP/presence"
-podman rm -f "$cid" >/dev/null 2>&1
+podman rm -f -v "$cid" >/dev/null 2>&1
 bin_size=$(stat -c %s "$TMP/presence")
 echo "binary /usr/local/bin/presence: $bin_size bytes ($((bin_size / 1000000)) MB)"
 # DWARF only (.debug_gdb_scripts is a 34-byte loaded section that stays, as in any Rust binary).
