@@ -163,6 +163,9 @@ pub enum Op {
     /// The calling node's own copy of the user, after the shared state missed changes made
     /// while it was unreachable (or lost them all): merged, newer facets win.
     Reconcile(Box<Presence>),
+    /// Moves the version without changing anything: some viewers' sight of the user changed
+    /// (a contact removed) and they are told so with a version above what they had.
+    Touch,
 }
 
 /// What an [`apply`] did.
@@ -397,10 +400,11 @@ pub fn apply(p: &mut Presence, op: &Op, node: &NodeId, now: Millis) -> Outcome {
         Op::Reconcile(seed) => {
             publish = reconcile(p, seed, node);
         }
+        Op::Touch => {}
     }
     track_inactivity(p, at);
     let after = p.facets();
-    let changed = before != after;
+    let changed = before != after || matches!(op, Op::Touch);
     if changed {
         p.version += 1;
         let was_visible = before.effective != Status::Offline;

@@ -156,6 +156,11 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_REDIS_IDLE_TTL_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_idle_ttl_s: u64,
 
+    /// Users per batch when a dead node's devices are dropped (one pipelined Redis round trip
+    /// each).
+    #[arg(long, env = "PRESENCE_REAP_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub reap_batch: u64,
+
     /// Node lease, in seconds: a node silent this long is declared dead; its devices go offline
     /// (cluster) and the rows it left online are recovered.
     #[arg(long, env = "PRESENCE_NODE_LEASE_TTL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -255,6 +260,7 @@ impl Settings {
             max_pending_setups_per_user: self.max_pending_setups_per_user,
             delivery_batch: Duration::from_micros(self.delivery_batch_us),
             node_ttl: Duration::from_secs(self.node_lease_ttl_s),
+            reap_batch: self.reap_batch as usize,
             ..EngineConfig::default()
         }
     }

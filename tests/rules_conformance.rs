@@ -141,6 +141,7 @@ fn op(
                 }
             }
         }
+        8 if rng.random_bool(0.2) => Op::Touch,
         8 => Op::DropNode {
             node: other.clone(),
             at: now - rng.random_range(0..100),

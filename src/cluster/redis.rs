@@ -229,6 +229,7 @@ impl RedisBackplane {
                 "drop_node",
                 [node.to_string(), at.to_string(), String::new()],
             ),
+            Op::Touch => ("touch", Default::default()),
             Op::Reconcile(own) => (
                 "reconcile",
                 [

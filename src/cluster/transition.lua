@@ -213,7 +213,7 @@ else
   s['is'] = ''
 end
 
-local changed = (not stale) and facets() ~= before
+local changed = (not stale) and (facets() ~= before or op == 'touch')
 if changed then
   s.v = fmt(tonumber(s.v) + 1)
   local is_visible = effective() ~= 'offline'

@@ -25,7 +25,8 @@ impl Engine {
     }
 
     /// Removes symmetric contact pairs; the two users' streams stop receiving each other's
-    /// changes.
+    /// changes. Each user's version moves once (on every node alike, through the backplane),
+    /// so that a receiver told that it now sees less stays on the user's own numbering.
     pub async fn remove_contacts(&self, pairs: &[(UserId, UserId)]) -> Result<()> {
         self.shared.store.remove_contacts(pairs).await?;
         for &(a, b) in pairs {
@@ -33,6 +34,15 @@ impl Engine {
             self.unlink(b, a);
         }
         self.publish_contacts(false, pairs).await;
+        let mut users: Vec<UserId> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+        users.sort_unstable();
+        users.dedup();
+        for chunk in users.chunks(crate::store::MAX_ROWS_PER_STATEMENT) {
+            self.ensure_loaded(chunk).await?;
+            for &user in chunk {
+                self.change(user, crate::rules::Op::Touch).await;
+            }
+        }
         Ok(())
     }
 
@@ -127,7 +137,7 @@ impl Engine {
     /// Makes `contact` a stranger to `user`'s subscribers. Those that follow `user`'s contacts
     /// stop watching `contact`; watches of listed ids keep watching it as a stranger. Each one
     /// whose view of `contact` changes (a contacts-only status) is told at once, with a version
-    /// above what it had: the user's own version does not move (nothing about them changed).
+    /// above what it had (the version of `contact` then moves once, see `remove_contacts`).
     pub(super) fn unlink(&self, user: UserId, contact: UserId) {
         let (viewers, followers) = {
             let mut shard = self.shard(user);

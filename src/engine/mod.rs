@@ -84,6 +84,8 @@ pub struct EngineConfig {
     /// A node silent this long is dead: its devices are dropped (cluster) and its rows
     /// recovered (store).
     pub node_ttl: Duration,
+    /// Users per batch when a dead node's devices are dropped (one pipelined round trip each).
+    pub reap_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +103,7 @@ impl Default for EngineConfig {
             max_pending_setups_per_user: 16,
             delivery_batch: Duration::from_micros(5000),
             node_ttl: Duration::from_secs(10),
+            reap_batch: 500,
         }
     }
 }

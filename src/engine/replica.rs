@@ -189,10 +189,10 @@ impl Engine {
                             "this node was declared dead or the backplane lost its state; restoring its devices"
                         );
                     }
-                    if renewal.lost || self.has_unsynced() {
+                    if renewal.lost {
                         self.restore_all().await;
                         self.resync_all().await;
-                        if renewal.lost {
+                        {
                             // Users whose state the backplane lost entirely, with devices only on
                             // nodes that are gone: once every live node had time to restore
                             // its own, whatever is still missing is decided from here.
@@ -202,6 +202,8 @@ impl Engine {
                                 engine.settle_missing().await;
                             });
                         }
+                    } else if self.has_unsynced() {
+                        self.restore_all().await;
                     }
                 }
                 Err(e) => {
@@ -244,7 +246,8 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut reaped = 0usize;
         loop {
-            let users = match bp.claimed_users(&claim.node, BATCH).await {
+            let batch_size = self.shared.config.reap_batch.max(1);
+            let users = match bp.claimed_users(&claim.node, batch_size).await {
                 Ok(users) => users,
                 Err(e) => {
                     tracing::warn!(node = %claim.node, error = %e, "reaping paused; the next lease tick resumes it");
@@ -304,38 +307,78 @@ impl Engine {
     }
 
     /// Reports this node's devices again and reconciles every change it decided alone, in
-    /// batches: after an outage, or after it was declared dead while paused.
+    /// batches: after an outage, or after it was declared dead while paused. Users this node
+    /// holds devices of go first (the backplane may start them from this node's copy). A user
+    /// changed here without a device here is reconciled only when the backplane has them, or
+    /// when this node's copy shows no device anywhere: otherwise starting them from this copy
+    /// would drop devices other nodes are about to restore (they stay unsynced until then).
     async fn restore_all(&self) {
         let bp = self
             .shared
             .backplane
             .clone()
             .expect("restore only in cluster mode");
-        let mut batch = Vec::new();
+        let mut holding = Vec::new();
+        let mut changed_here = Vec::new();
         for shard in self.shared.shards.iter() {
             let shard = shard.lock().expect("shard lock poisoned");
             for (&user, e) in shard.users.iter() {
-                if e.local.total > 0 || e.unsynced {
-                    let mut own = e.presence().clone();
-                    let report = self.device_report(e, None);
-                    if let Op::Devices { seq, devices, .. } = report {
-                        own.nodes.retain(|n| n.node != self.shared.node);
-                        own.nodes.push(crate::rules::NodeDevices {
-                            node: self.shared.node.clone(),
-                            seq,
-                            devices,
-                        });
-                    }
-                    batch.push(Transition {
-                        user,
-                        op: Op::Reconcile(Box::new(own.clone())),
-                        seed: own,
-                        at: now_millis(),
-                    });
+                if e.local.total > 0 {
+                    holding.push(self.reconciliation(user, e));
+                } else if e.unsynced {
+                    changed_here.push(self.reconciliation(user, e));
                 }
             }
         }
-        let total = batch.len();
+        let mut total = self.reconcile(holding).await;
+        if !changed_here.is_empty() {
+            let users: Vec<UserId> = changed_here.iter().map(|t| t.user).collect();
+            let known: HashSet<UserId> = match bp.load(&users).await {
+                Ok(states) => states.into_iter().map(|(u, _)| u).collect(),
+                Err(_) => return,
+            };
+            let ready: Vec<Transition> = changed_here
+                .into_iter()
+                .filter(|t| known.contains(&t.user) || t.seed.live().total == 0)
+                .collect();
+            total += self.reconcile(ready).await;
+        }
+        if total > 0 {
+            tracing::info!(
+                users = total,
+                "this node's devices and changes are reconciled with the backplane"
+            );
+        }
+    }
+
+    /// The reconciliation of one user: this node's copy, with its own devices as they are.
+    fn reconciliation(&self, user: UserId, e: &super::registry::Entry) -> Transition {
+        let mut own = e.presence().clone();
+        if let Op::Devices { seq, devices, .. } = self.device_report(e, None) {
+            own.nodes.retain(|n| n.node != self.shared.node);
+            own.nodes.push(crate::rules::NodeDevices {
+                node: self.shared.node.clone(),
+                seq,
+                devices,
+            });
+            own.nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        }
+        Transition {
+            user,
+            op: Op::Reconcile(Box::new(own.clone())),
+            seed: own,
+            at: now_millis(),
+        }
+    }
+
+    /// Runs reconciliations in batches and applies their results; returns how many ran.
+    async fn reconcile(&self, batch: Vec<Transition>) -> usize {
+        let bp = self
+            .shared
+            .backplane
+            .clone()
+            .expect("reconcile only in cluster mode");
+        let mut done = 0;
         for chunk in batch.chunks(BATCH) {
             let users: Vec<UserId> = chunk.iter().map(|t| t.user).collect();
             match bp.transition(chunk.to_vec()).await {
@@ -345,19 +388,15 @@ impl Engine {
                             self.apply_shared(user, presence, true);
                         }
                     }
+                    done += chunk.len();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not restore this node's state; the next renewal retries");
-                    return;
+                    break;
                 }
             }
         }
-        if total > 0 {
-            tracing::info!(
-                users = total,
-                "this node's devices and changes are reconciled with the backplane"
-            );
-        }
+        done
     }
 
     /// Reads the shared presence of every user in memory and applies what is newer.

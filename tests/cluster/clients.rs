@@ -363,6 +363,11 @@ pub struct Device {
 impl Device {
     /// Opens a device of `id` on `node` and waits for its welcome.
     pub async fn connect(node: &Node, id: u64) -> Device {
+        Self::connect_on(node.channel.clone(), &node.name, id).await
+    }
+
+    /// Opens a device of `id` on a given connection to node `name`.
+    pub async fn connect_on(channel: tonic::transport::Channel, name: &str, id: u64) -> Device {
         let opening = async {
             let (tx, rx) = mpsc::channel(16);
             let hello = pb::ClientMessage {
@@ -372,7 +377,7 @@ impl Device {
                 })),
             };
             tx.send(hello).await.expect("the outbound queue has room");
-            let mut client = PresenceClient::new(node.channel.clone());
+            let mut client = PresenceClient::new(channel);
             let mut stream = client
                 .authenticate(user(id).request(ReceiverStream::new(rx)))
                 .await?
@@ -382,13 +387,8 @@ impl Device {
         };
         let (tx, stream, first) = tokio::time::timeout(WAIT, opening)
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "user {id} on node {}: no welcome within {WAIT:?}",
-                    node.name
-                )
-            })
-            .unwrap_or_else(|s| panic!("user {id} may connect on node {}: {s:?}", node.name));
+            .unwrap_or_else(|_| panic!("user {id} on node {name}: no welcome within {WAIT:?}"))
+            .unwrap_or_else(|s| panic!("user {id} may connect on node {name}: {s:?}"));
         let welcome = match first.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(w)) => w,
             other => panic!("the first server message is a welcome, got {other:?}"),
@@ -404,7 +404,7 @@ impl Device {
         initial.extend(welcome.self_.clone());
         Device {
             inbox: Inbox::new(
-                format!("device of user {id} on node {}", node.name),
+                format!("device of user {id} on node {name}"),
                 Box::pin(stream),
                 &initial,
             ),
@@ -448,6 +448,27 @@ impl Device {
             }
         }
     }
+}
+
+/// One device per id on `node`, over `connections` HTTP/2 connections of their own, set up
+/// 100 at a time (the server admits a bounded number of set-ups at once).
+pub async fn connect_many(node: &Node, ids: &[u64], connections: usize) -> Vec<Device> {
+    use futures::StreamExt as _;
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+                .expect("a valid URI")
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("node {} accepts connections: {e}", node.name)),
+        );
+    }
+    futures::stream::iter(ids.iter().enumerate())
+        .map(|(i, &id)| Device::connect_on(channels[i % channels.len()].clone(), &node.name, id))
+        .buffered(100)
+        .collect()
+        .await
 }
 
 impl std::ops::Deref for Device {

@@ -505,6 +505,37 @@ impl Cluster {
             .count()
     }
 
+    /// Who holds the claim on dead node `node` (a cluster id), if anyone.
+    pub fn claimer_of(&self, node: &str) -> Option<String> {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        let claim: Option<String> = redis::cmd("HGET")
+            .arg(self.control_key("claims"))
+            .arg(node)
+            .query(&mut conn)
+            .expect("HGET of a claim");
+        claim.and_then(|c| c.split(',').next().map(str::to_string))
+    }
+
+    /// How many users node `node` (a cluster id) still holds devices of or owes a row for.
+    pub fn node_users(&self, node: &str) -> usize {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        redis::cmd("SCARD")
+            .arg(format!("{}:nu:{{{node}}}", self.prefix))
+            .query(&mut conn)
+            .expect("SCARD of a node's users")
+    }
+
+    /// How many of these users Redis still holds a shared presence of.
+    pub fn users_known(&self, users: &[u64]) -> usize {
+        let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");
+        let mut pipe = redis::pipe();
+        for &u in users {
+            pipe.cmd("EXISTS").arg(self.user_key(u));
+        }
+        let found: Vec<u32> = pipe.query(&mut conn).expect("EXISTS of many users");
+        found.into_iter().filter(|&f| f == 1).count()
+    }
+
     /// Whether Redis holds a shared presence of `user` (its hash exists).
     pub fn user_known(&self, user: u64) -> bool {
         let mut conn = redis_connection(&self.redis_url).expect("the test's Redis answers");

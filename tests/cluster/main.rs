@@ -25,10 +25,12 @@
 //! `TEST_NODE_LOG=presence=debug` sets the nodes' log filter; a failing test prints the end of
 //! each node's log.
 mod clients;
+mod contacts;
 mod devices;
 mod fan_out;
 mod harness;
 mod node_death;
 mod pause;
+mod reaping;
 mod redis_outage;
 mod shared_database;

@@ -255,3 +255,82 @@ async fn a_single_node_exports_no_redis_gauge() {
         "a node without REDIS_URL has no Redis to report as up or down"
     );
 }
+
+/// Changes made on three nodes while Redis is away (a device closed on one, a device opened on
+/// another, a status set on the third) are reconciled on every node within 10 s of Redis
+/// returning empty, and every receiver gets each user's final state, in increasing versions.
+#[tokio::test]
+async fn changes_made_on_different_nodes_during_an_outage_are_reconciled_everywhere() {
+    let _turn = exclusive().await;
+    let Some(mut redis) = OwnRedis::start().await else {
+        return;
+    };
+    let cluster = Cluster::start(&redis.url(), 3).await;
+    let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
+    // X's device is on B (closed during the outage), Y connects on A during the outage, Z is on
+    // A and changes status through C during the outage.
+    const Z: u64 = 4;
+    let x = Device::connect(b, X).await;
+    let _z = Device::connect(a, Z).await;
+    let mut watchers = Vec::new();
+    for node in [a, b, c] {
+        watchers.push(
+            crate::clients::Watcher::open(node, &crate::clients::service(), &[X, Y, Z]).await,
+        );
+    }
+    converge(&cluster.nodes, &[X, Y, Z], WAIT, |p| {
+        p.iter().map(status_of).collect::<Vec<_>>()
+            == [Status::Online, Status::Offline, Status::Online]
+    })
+    .await;
+
+    redis.stop();
+    wait_for_health(
+        &cluster.nodes,
+        CLUSTER_HEALTH,
+        ServingStatus::NotServing,
+        WAIT,
+    )
+    .await;
+    drop(x);
+    let _y = Device::connect(a, Y).await;
+    set_status(c, Z, Status::Busy).await;
+
+    redis.restart().await;
+    let back = Instant::now();
+    let (answer, took) = converge(
+        &cluster.nodes,
+        &[X, Y, Z],
+        std::time::Duration::from_secs(10),
+        |p| {
+            p.iter().map(status_of).collect::<Vec<_>>()
+                == [Status::Offline, Status::Online, Status::Busy]
+        },
+    )
+    .await;
+    eprintln!(
+        "redis_outage: changes made on three nodes during the outage agreed on every node {} ms after Redis came back",
+        back.elapsed().as_millis().max(took.as_millis())
+    );
+    for (i, w) in watchers.iter_mut().enumerate() {
+        for (user, status) in [(X, Status::Offline), (Y, Status::Online), (Z, Status::Busy)] {
+            let mut last = None;
+            for p in w.drain() {
+                if p.user_id == user {
+                    last = Some(p);
+                }
+            }
+            let want = answer
+                .iter()
+                .find(|p| p.user_id == user)
+                .expect("asked")
+                .version;
+            let got = last.map(|p| (status_of(&p), p.version));
+            assert!(
+                got == Some((status, want)) || got.is_none_or(|(_, v)| v <= want),
+                "watcher on node {} ends with user {user} {status:?} at version {want}: {got:?}",
+                cluster.nodes[i].name
+            );
+        }
+    }
+}
