@@ -115,12 +115,15 @@ function runSchedule({ rate, t0, end }) {
   const order = togglerOrder();
   const total = order.length === 0 || rate <= 0 ? 0 : Math.floor(((end - t0) * rate) / 1000);
   let i = 0;
+  let made = 0;
   const tick = () => {
     const t = now();
     const due = Math.min(total, Math.floor(((t - t0) * rate) / 1000) + 1);
     for (; i < due; i += 1) {
       const u = order[i % order.length];
       const local = u - state.lo;
+      if (!state.sockets[local]) continue; // never connected: counted in connect failures
+      made += 1;
       const st = statusOfChange(state.seq[local]);
       state.seq[local] += 1;
       const scheduled = t0 + (i * 1000) / rate;
@@ -134,7 +137,7 @@ function runSchedule({ rate, t0, end }) {
     if (i < total) {
       setTimeout(tick, Math.max(0, Math.min(1, t0 + (i * 1000) / rate - now())));
     } else {
-      send({ type: 'sent', count: total });
+      send({ type: 'sent', count: made });
     }
   };
   setTimeout(tick, Math.max(0, t0 - now()));
