@@ -32,14 +32,20 @@ function jsonValue(_key, value) {
   return typeof value === 'bigint' ? String(value) : value;
 }
 
-function createLogger({ level = 'info', stream = process.stderr } = {}) {
+/**
+ * @param {object} [o]
+ * @param {string} [o.level='info']
+ * @param {{write: (line: string) => void}} [o.stream=process.stderr]
+ * @param {object} [o.base] fields on every line (a worker's number)
+ */
+function createLogger({ level = 'info', stream = process.stderr, base } = {}) {
   const min = LEVELS[level] ?? LEVELS.info;
   const write = (lvl, msg, fields) => {
     if (LEVELS[lvl] < min) return;
     const time = new Date().toISOString();
     let line;
     try {
-      line = JSON.stringify({ time, level: lvl, msg, ...fields }, jsonValue);
+      line = JSON.stringify({ time, level: lvl, msg, ...base, ...fields }, jsonValue);
     } catch {
       line = JSON.stringify({ time, level: lvl, msg });
     }

@@ -11,9 +11,14 @@ const {
   parseUserId,
   sanitizeDeviceLabel,
   toSeedPresence,
+  samePayload,
+  clientPlatformToEnum,
+  clientActivityToEnum,
+  parseCustomStatus,
   versionOf,
   decodeJwtPayload,
 } = require('../src/convert');
+const { TokenBucket, Backoff } = require('../src/limits');
 const { createLogger, redact } = require('../src/log');
 const { bindHost, isLoopbackHost, parseOrigins, normalizeOrigin } = require('../src/access');
 const { runIndex, listeningPort, stopIndex } = require('./helpers/edge-process');
@@ -83,7 +88,11 @@ test('user ids: positive integers below 2^63 (the service stores signed 64-bit i
     assert.equal(parseUserId(bad), null, String(bad));
   }
   assert.equal(versionOf({ version: '18446744073709551615' }), 18446744073709551615n);
-  assert.equal(versionOf({}), 0n);
+  assert.equal(versionOf({ version: '9007199254740993' }), 9007199254740993n, 'above 2^53: exact, as a BigInt');
+  assert.equal(versionOf({ version: '42' }), 42, 'small versions are plain Numbers');
+  assert.ok(versionOf({ version: '9007199254740993' }) > versionOf({ version: '9007199254740991' }));
+  assert.equal(versionOf({}), 0);
+  assert.equal(versionOf({ version: 'x' }), 0);
 });
 
 test('JWT payloads are decoded (not verified)', () => {
@@ -95,12 +104,88 @@ test('JWT payloads are decoded (not verified)', () => {
   assert.equal(decodeJwtPayload(undefined), null);
 });
 
-test('startEdge refuses an unknown identity mode', async () => {
+test('payloads: the seed fields exactly as before, the new ones only when the service set them', () => {
+  const bare = toSeedPresence({ user_id: '7', status: 'STATUS_ONLINE', last_seen: null, platforms: [], idle_since: null, custom_status: null, last_seen_approx: 'LAST_SEEN_APPROX_UNSPECIFIED' });
+  assert.deepEqual(bare, { user_id: 7, status: 'online', last_seen: null });
+  assert.deepEqual(Object.keys(bare), ['user_id', 'status', 'last_seen'], 'seed clients see nothing new');
+  const rich = toSeedPresence({
+    user_id: '8',
+    status: 'STATUS_AWAY',
+    last_seen: { seconds: '1762785000', nanos: 0 },
+    platforms: ['PLATFORM_DESKTOP', 'PLATFORM_WEB', 'PLATFORM_UNSPECIFIED'],
+    idle_since: { seconds: '1762785060', nanos: 5000000 },
+    custom_status: { text: 'In a meeting', emoji: '📅', expires_at: { seconds: '1762788600', nanos: 0 } },
+    last_seen_approx: 'LAST_SEEN_APPROX_WITHIN_WEEK',
+  });
+  assert.deepEqual(rich, {
+    user_id: 8,
+    status: 'away',
+    last_seen: '2025-11-10T14:30:00.000Z',
+    platforms: ['desktop', 'web'],
+    idle_since: '2025-11-10T14:31:00.005Z',
+    custom_status: { text: 'In a meeting', emoji: '📅', expires_at: '2025-11-10T15:30:00.000Z' },
+    last_seen_approx: 'within_week',
+  });
+  const noExpiry = toSeedPresence({ user_id: '9', status: 'STATUS_OFFLINE', custom_status: { text: '', emoji: ':palm_tree:', expires_at: null } });
+  assert.deepEqual(noExpiry.custom_status, { text: '', emoji: ':palm_tree:', expires_at: null });
+  assert.ok(samePayload(rich, structuredClone(rich)));
+  for (const change of [{ status: 'busy' }, { platforms: ['web'] }, { idle_since: undefined }, { custom_status: { ...rich.custom_status, text: 'x' } }, { last_seen_approx: 'recently' }]) {
+    assert.ok(!samePayload(rich, { ...rich, ...change }), JSON.stringify(change));
+  }
+});
+
+test('client words for platform and activity; anything else is refused', () => {
+  assert.equal(clientPlatformToEnum('mobile'), 'PLATFORM_MOBILE');
+  assert.equal(clientActivityToEnum('background'), 'ACTIVITY_BACKGROUND');
+  for (const bad of ['Mobile', 'phone', '', null, 3, {}, 'toString', '__proto__']) {
+    assert.equal(clientPlatformToEnum(bad), null, String(bad));
+    assert.equal(clientActivityToEnum(bad), null, String(bad));
+  }
+});
+
+test('set_custom_status input: null clears, fields are checked and named, expires_at as ISO or milliseconds', () => {
+  assert.deepEqual(parseCustomStatus(null), { custom_status: null });
+  assert.deepEqual(parseCustomStatus(undefined), { custom_status: null });
+  assert.deepEqual(parseCustomStatus({ text: 'Lunch' }), { custom_status: { text: 'Lunch', emoji: '' } });
+  assert.deepEqual(parseCustomStatus({ emoji: '🍕', expires_at: 1762788600123 }), {
+    custom_status: { text: '', emoji: '🍕', expires_at: { seconds: 1762788600, nanos: 123000000 } },
+  });
+  assert.deepEqual(parseCustomStatus({ text: 'x', expires_at: '2025-11-10T15:30:00Z' }).custom_status.expires_at, { seconds: 1762788600, nanos: 0 });
+  const cases = [
+    ['busy', /expected \{ text, emoji, expires_at \}/],
+    [[1], /expected/],
+    [{ text: 5 }, /^text must be a string/],
+    [{ emoji: {} }, /^emoji must be a string/],
+    [{ text: 'x'.repeat(5000) }, /^text is too long/],
+    [{ expires_at: 'tomorrow' }, /^expires_at must be an ISO-8601 date-time/],
+    [{ expires_at: '1700000000' }, /^expires_at/],
+    [{ expires_at: Infinity }, /^expires_at/],
+    [{ expires_at: 1e20 }, /^expires_at/],
+    [{ expires_at: true }, /^expires_at/],
+  ];
+  for (const [value, message] of cases) assert.match(parseCustomStatus(value).error || '', message, JSON.stringify(value));
+});
+
+test('token bucket and backoff', () => {
+  const bucket = new TokenBucket({ burst: 2, refillMs: 60000 });
+  assert.equal(bucket.take(), true);
+  assert.equal(bucket.take(), true);
+  assert.equal(bucket.take(), false);
+  assert.ok(bucket.wait() > 59000);
+  const b = new Backoff({ initialMs: 100, maxMs: 1000 });
+  const delays = Array.from({ length: 8 }, () => b.next(null));
+  assert.ok(delays[0] >= 50 && delays[0] <= 100, String(delays));
+  assert.ok(delays.every((d) => d <= 1000), String(delays));
+  assert.ok(delays[7] >= 500, String(delays));
+});
+
+test('startEdge refuses an unknown identity mode, and token mode without a service token', async () => {
   await assert.rejects(startEdge({ port: 0, identity: 'trust-everyone' }), /identity must be one of/);
+  await assert.rejects(startEdge({ port: 0, identity: 'token' }), /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/);
 });
 
 test('npm start: EDGE_PORT=0 prints `edge listening on PORT`, SIGTERM stops it cleanly', async () => {
-  const run = runIndex({ EDGE_PORT: '0', PRESENCE_TARGET: '127.0.0.1:9', EDGE_IDENTITY: 'trust-client' });
+  const run = runIndex({ EDGE_PORT: '0', EDGE_WORKERS: '1', PRESENCE_TARGET: '127.0.0.1:9', EDGE_IDENTITY: 'trust-client' });
   const port = await listeningPort(run);
   assert.ok(port > 0);
   const res = await fetch(`http://127.0.0.1:${port}/healthz`);
@@ -185,7 +270,11 @@ test('npm start: unsafe or broken access settings exit with a message naming the
   const cases = [
     [{ EDGE_IDENTITY: 'trust-client', EDGE_HOST: '0.0.0.0' }, /EDGE_HOST=0\.0\.0\.0 is not a loopback address.*EDGE_IDENTITY=trust-client/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_CORS_ORIGINS: '*' }, /EDGE_CORS_ORIGINS='\*'/],
-    [{ EDGE_CORS_ORIGINS: 'example.com' }, /EDGE_CORS_ORIGINS: "example\.com" is not an origin/],
+    [{ EDGE_CORS_ORIGINS: 'example.com', EDGE_SERVICE_TOKEN: 'svc' }, /EDGE_CORS_ORIGINS: "example\.com" is not an origin/],
+    [{ EDGE_IDENTITY: 'token' }, /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/],
+    [{}, /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/],
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: '0' }, /EDGE_WORKERS must be a whole number from 1 to 64/],
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: 'many' }, /EDGE_WORKERS must be a whole number/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_SERVICE_TOKEN: 'abc\u00e9' }, /EDGE_SERVICE_TOKEN must be printable ASCII/],
     [{ EDGE_DEMO: 'maybe' }, /EDGE_DEMO must be 1 or 0/],
   ];
@@ -198,7 +287,13 @@ test('npm start: unsafe or broken access settings exit with a message naming the
 });
 
 test('npm start: EDGE_CORS_ORIGIN still works as a deprecated alias of EDGE_CORS_ORIGINS', async (t) => {
-  const run = runIndex({ EDGE_PORT: '0', PRESENCE_TARGET: '127.0.0.1:9', EDGE_CORS_ORIGIN: 'https://app.example.com' });
+  const run = runIndex({
+    EDGE_PORT: '0',
+    EDGE_WORKERS: '1',
+    PRESENCE_TARGET: '127.0.0.1:9',
+    EDGE_SERVICE_TOKEN: 'svc',
+    EDGE_CORS_ORIGIN: 'https://app.example.com',
+  });
   t.after(() => stopIndex(run));
   const port = await listeningPort(run);
   const handshake = (origin) => fetch(`http://127.0.0.1:${port}/socket.io/?EIO=4&transport=polling`, { headers: { origin } });

@@ -1,6 +1,7 @@
 'use strict';
 // 5. The Rust service restarts (SIGTERM, then again on the same database and port): the edge
-//    reopens its streams with backoff, browsers stay connected, presence resumes.
+//    reopens its relay stream with backoff and a session for each socket on it, browsers stay
+//    connected, presence resumes.
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { startPresenceServer, serviceClients, freePort } = require('./helpers/presence-server');
@@ -38,30 +39,39 @@ test('edge reconnects after a presence service restart and presence flows again'
   contact.socket.on('disconnect', () => { disconnects += 1; });
   user.socket.on('disconnect', () => { disconnects += 1; });
 
-  // Stop the service: every stream ends with UNAVAILABLE.
+  // Stop the service: the relay stream (and every session on it) ends with UNAVAILABLE.
   const stopped = await server.stop('SIGTERM');
   t.diagnostic(`server stopped: ${JSON.stringify(stopped)}`);
-  await eventually(() => edge.stats().ready === 0, { what: 'the edge to notice the streams ended' });
-  assert.equal(edge.stats().sessions, 2, 'sessions stay while their sockets do');
+  // The service does not end relay streams when it shuts down: the edge ends its own on GOAWAY,
+  // or the service would wait for its whole shutdown deadline (and be killed by stop()).
+  assert.deepEqual(stopped, { code: 0, signal: null }, 'the service stopped cleanly, not at its deadline');
+  await eventually(() => edge.stats().ready === 0 && edge.stats().relay.streams === 0, { what: 'the edge to notice the stream ended' });
+  assert.equal(edge.stats().sessions, 2, 'sockets keep wanting their sessions');
   assert.ok(contact.socket.connected && user.socket.connected, 'browsers stay connected');
-  // Stay down long enough that every stream fails to reopen a few times (backoff grows).
-  const attempts = () =>
-    edge.log.entries.filter((e) => e.msg === 'presence stream ended; reopening' && e.attempt >= 3).length;
-  await eventually(() => attempts() >= 2, { timeout: 15000, what: 'three reopen attempts per stream' });
-  const delays = edge.log.entries.filter((e) => e.msg === 'presence stream ended; reopening').map((e) => e.delay_ms);
+  // Stay down long enough that the stream fails to reopen a few times (backoff grows).
+  const reopening = () => edge.log.entries.filter((e) => e.msg === 'relay stream ended; reopening');
+  await eventually(() => reopening().some((e) => e.attempt >= 3), { timeout: 15000, what: 'three reopen attempts' });
+  const delays = reopening().map((e) => e.delay_ms);
   t.diagnostic(`reopen delays while the service was down (ms): ${delays.join(', ')}`);
+  assert.ok(delays.at(-1) > delays[0], `the backoff grows: ${delays.join(', ')}`);
   const restartMark = contact.mark();
+  // A get_presence while the service is down waits for the next session (within its deadline).
+  contact.socket.emit('get_presence', [USER]);
 
   // Start it again on the same database file and port.
   const dir = server.dir;
   server = await startPresenceServer({ listen: `127.0.0.1:${port}`, dir });
   svc.close();
   svc = serviceClients(server.target);
-  await eventually(() => edge.stats().ready === 2, { timeout: 20000, what: 'the edge to reopen both streams' });
+  await eventually(() => edge.stats().ready === 2, { timeout: 20000, what: 'the edge to reopen both sessions' });
   await svc.waitForConnections(2);
-  assert.ok(edge.log.entries.some((e) => e.msg === 'presence stream reopened'));
+  assert.ok(edge.log.entries.some((e) => e.msg === 'relay stream reopened'));
+  assert.equal(edge.stats().relay.streams, 1, 'one relay stream carries both sessions');
 
   t.diagnostic(`contact events across the restart: ${JSON.stringify(contact.received('presence_updated', restartMark))}`);
+  const [early] = await contact.waitFor('presence_info', () => true, { since: restartMark });
+  assert.equal(early.status, 'online', 'the get_presence sent while the service was down was answered');
+  assert.deepEqual(contact.received('presence_error', restartMark), []);
   // Presence resumes: the contact sees the user online again…
   let since = contact.mark();
   contact.socket.emit('get_presence', [USER]);

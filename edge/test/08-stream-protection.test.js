@@ -1,7 +1,7 @@
 'use strict';
-// The edge keeps a browser's stream alive against its own excesses: an update_status flood is
-// coalesced under the service's status rate limit (which would end the stream with
-// RESOURCE_EXHAUSTED), and over-long device labels are trimmed to what the service accepts.
+// The edge keeps a browser's session working against its own excesses: an update_status flood is
+// coalesced under the service's status rate limit (over which the service refuses the change),
+// and over-long device labels are trimmed to what the service accepts.
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { connect, useServiceAndEdge, startTestEdge, eventually } = require('./helpers/clients');
@@ -12,7 +12,7 @@ const LONG_LABEL = 803;
 
 const ctx = useServiceAndEdge({ contacts: [[FLOODER, CONTACT], [LONG_LABEL, CONTACT]] });
 
-test('an update_status flood is coalesced; the stream survives and the last status wins', async (t) => {
+test('an update_status flood is coalesced; nothing is refused and the last status wins', async (t) => {
   const contact = await connect(ctx.edge.url, { name: 'contact' });
   const flooder = await connect(ctx.edge.url, { name: 'flooder' });
   t.after(() => {
@@ -35,10 +35,11 @@ test('an update_status flood is coalesced; the stream survives and the last stat
   assert.ok(!statuses.includes('offline'), 'the flooder never dropped offline');
   assert.ok(statuses.length <= 12, `${statuses.length} changes reached the service`);
   assert.deepEqual(
-    ctx.edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)),
+    ctx.edge.log.entries.filter((e) => /(presence session|relay stream) (ended|refused)/.test(e.msg)),
     [],
-    'the flooder stream was never ended',
+    'the flooder session was never ended',
   );
+  assert.deepEqual(flooder.received('presence_error'), [], 'the service refused none of the changes that reached it');
   assert.equal(ctx.edge.stats().ready, 2);
 });
 
@@ -53,8 +54,8 @@ test('a device label longer than the service accepts is trimmed, not refused', a
   await contact.presence(LONG_LABEL, 'online');
 });
 
-test('streams spill over to more gRPC connections past streamsPerChannel', async (t) => {
-  const small = await startTestEdge({ target: ctx.server.target, identity: 'trust-client', streamsPerChannel: 1 });
+test('one relay stream carries every socket\'s session, and each socket gets its own view', async (t) => {
+  const small = await startTestEdge({ target: ctx.server.target, identity: 'trust-client' });
   t.after(() => small.close());
   const contact = await connect(small.url, { name: 'contact3' });
   const a = await connect(small.url, { name: 'flooder3' });
@@ -71,7 +72,12 @@ test('streams spill over to more gRPC connections past streamsPerChannel', async
   // FLOODER's chosen status is still 'busy' from the first test: the service persists it.
   await contact.presence(FLOODER, 'busy');
   await contact.presence(LONG_LABEL, 'online');
-  // A contact can learn of a device before that device's own Welcome reaches the ctx.edge.
-  await eventually(() => small.stats().ready === 3, { what: 'three ready streams' });
-  assert.deepEqual(small.stats(), { sockets: 3, sessions: 3, ready: 3, channels: 3, streams: 3 });
+  // A contact can learn of a device before that device's own Welcome reaches the edge.
+  await eventually(() => small.stats().ready === 3, { what: 'three welcomed sessions' });
+  const stats = small.stats();
+  assert.deepEqual([stats.sockets, stats.sessions, stats.ready], [3, 3, 3]);
+  assert.deepEqual([stats.relay.streams, stats.relay.sessions, stats.relay.opened], [1, 3, 1], 'one stream, opened once, three sessions');
+  // FLOODER and LONG_LABEL are not contacts: neither heard of the other.
+  assert.deepEqual(a.received('presence_updated').filter((d) => d.user_id === LONG_LABEL), []);
+  assert.deepEqual(b.received('presence_updated').filter((d) => d.user_id === FLOODER), []);
 });

@@ -13,6 +13,7 @@ const { connect, startTestEdge, captureLogger } = require('./helpers/clients');
 const NOWHERE = '127.0.0.1:9'; // the service is never called in these tests
 const EVIL = 'http://evil.example';
 const DEV_SERVER = 'http://localhost:5173'; // a frontend dev server on the developer's machine
+const SERVICE_TOKEN = 'not-checked-by-anyone-here'; // token mode needs one; nothing is called
 
 /** The engine.io handshake a browser starts with (polling), with the given headers. */
 function handshake(port, headers) {
@@ -90,7 +91,7 @@ test('trust-client: EDGE_CORS_ORIGINS replaces the loopback default', async (t) 
 });
 
 test('token mode: same origin only by default; EDGE_CORS_ORIGINS lists more', async (t) => {
-  const sameOnly = await startTestEdge({ target: NOWHERE, identity: 'token' });
+  const sameOnly = await startTestEdge({ target: NOWHERE, identity: 'token', serviceToken: SERVICE_TOKEN });
   t.after(() => sameOnly.close());
   const host = `127.0.0.1:${sameOnly.port}`;
   assert.equal((await handshake(sameOnly.port, { host, origin: sameOnly.url })).status, 200);
@@ -103,7 +104,7 @@ test('token mode: same origin only by default; EDGE_CORS_ORIGINS lists more', as
   await assert.rejects(connectFrom(sameOnly.url, EVIL, 'websocket', anyToken), /websocket error|Forbidden|403/i);
   (await connectFrom(sameOnly.url, sameOnly.url, 'websocket', anyToken)).close();
 
-  const listed = await startTestEdge({ target: NOWHERE, identity: 'token', corsOrigins: ['https://chat.example.com'] });
+  const listed = await startTestEdge({ target: NOWHERE, identity: 'token', serviceToken: SERVICE_TOKEN, corsOrigins: ['https://chat.example.com'] });
   t.after(() => listed.close());
   const ok = await handshake(listed.port, { origin: 'https://chat.example.com' });
   assert.equal(ok.status, 200);

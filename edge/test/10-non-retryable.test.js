@@ -1,9 +1,11 @@
 'use strict';
 // Finding 2 of "Hostile and broken clients cannot hurt anyone else": the edge reopened streams
 // for failures no retry can fix (INVALID_ARGUMENT, OUT_OF_RANGE…, a device label the service
-// cannot decode, call metadata that cannot be built), forever. Now such a failure reaches the
-// socket once as presence_error { event: 'user_authenticated', code } and the stream stays closed;
-// device labels are sanitized before they are sent; and ids of 2^63 or more are refused as input.
+// cannot decode), forever. Now such a failure of a socket's session reaches the socket once as
+// presence_error { event: 'user_authenticated', code } and the session stays closed; device
+// labels are sanitized before they are sent; and ids of 2^63 or more are refused as input. The
+// relay stream itself, refused for such a reason (the edge's service identity), is retried only
+// at the longest backoff, and each socket is told once.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const grpc = require('@grpc/grpc-js');
@@ -21,9 +23,9 @@ let fakeEdge;
 
 before(async () => {
   // Users 1..6 are refused with one code each; user 14 is refused once with UNAVAILABLE, then welcomed.
-  const script = Object.fromEntries(REFUSED.map((name, i) => [String(i + 1), [grpc.status[name]]]));
-  script['14'] = [grpc.status.UNAVAILABLE, 'welcome'];
-  fake = await startFakePresence(script);
+  const sessions = Object.fromEntries(REFUSED.map((name, i) => [String(i + 1), [grpc.status[name]]]));
+  sessions['14'] = [grpc.status.UNAVAILABLE, 'welcome'];
+  fake = await startFakePresence({ sessions });
   fakeEdge = await startTestEdge({ target: fake.target, identity: 'trust-client', backoff: FAST_BACKOFF });
 });
 
@@ -32,55 +34,63 @@ after(async () => {
   if (fake) await fake.stop();
 });
 
-test('a stream refused with a non-retryable code is reported once and not reopened', async (t) => {
+test('a session refused with a non-retryable code is reported once and not reopened', async (t) => {
   const messages = [];
   for (const [i, name] of REFUSED.entries()) {
     const userId = i + 1;
     const c = await connect(fakeEdge.url, { name });
     t.after(() => c.close());
+    const disconnected = new Promise((resolve) => c.socket.once('disconnect', resolve));
     c.socket.emit('user_authenticated', userId);
     const err = await c.waitFor('presence_error', (e) => e.event === 'user_authenticated');
     assert.equal(err.code, name);
-    // The socket has no session left: no reopen timer, nothing to retry.
+    // The socket wants no session any more: no reopen timer, nothing to retry.
     await eventually(() => fakeEdge.stats().sessions === 0, { what: `${name}: no session left` });
-    assert.equal(fake.calls(userId), 1, `${name}: one Authenticate call`);
+    await new Promise((r) => setTimeout(r, 150)); // longer than any retry of FAST_BACKOFF
+    assert.equal(fake.opens(userId), 1, `${name}: one open`);
     assert.equal(c.received('presence_error').length, 1, `${name}: reported once`);
+    if (name === 'UNAUTHENTICATED' || name === 'PERMISSION_DENIED') {
+      assert.equal(await disconnected, 'io server disconnect', `${name}: a refused credential closes the socket`);
+    } else {
+      assert.ok(c.socket.connected, `${name}: the socket stays`);
+    }
     messages.push([name, err.message]);
   }
-  for (const [name, message] of messages) assert.equal(message, `presence stream refused, not retried: ${name} (scripted ${name})`);
-  assert.deepEqual(fakeEdge.log.entries.filter((e) => e.msg === 'presence stream ended; reopening'), []);
+  for (const [name, message] of messages) assert.equal(message, `presence session refused, not retried: ${name} (scripted ${name})`);
+  assert.deepEqual(fakeEdge.log.entries.filter((e) => e.msg === 'presence session ended; reopening'), []);
+  assert.equal(fake.streams(), 1, 'the relay stream itself was never touched');
 });
 
-test('positive control: UNAVAILABLE is retried, and the reopened stream is welcomed', async (t) => {
+test('positive control: UNAVAILABLE is retried, and the reopened session is welcomed', async (t) => {
   const c = await connect(fakeEdge.url, { name: 'unavailable-once' });
   t.after(() => c.close());
   c.socket.emit('user_authenticated', 14);
-  await eventually(() => fakeEdge.stats().ready === 1, { what: 'the reopened stream' });
-  assert.equal(fake.calls(14), 2);
+  await eventually(() => fakeEdge.stats().ready === 1, { what: 'the reopened session' });
+  assert.equal(fake.opens(14), 2);
   assert.deepEqual(c.received('presence_error'), []);
+  assert.ok(fakeEdge.log.entries.some((e) => e.msg === 'presence session ended; reopening' && e.code === 'UNAVAILABLE'));
 });
 
-test('call metadata that cannot be built is reported once, not retried', async (t) => {
-  // grpc-js refuses some header values by throwing; the edge validates what it sends, so force it.
-  const realSet = grpc.Metadata.prototype.set;
-  let attempts = 0;
-  grpc.Metadata.prototype.set = function set(key, value) {
-    if (key === 'x-presence-user-id' && value === '15') {
-      attempts += 1;
-      throw new Error('Metadata string value "15" contains illegal characters');
-    }
-    return realSet.call(this, key, value);
-  };
-  t.after(() => { grpc.Metadata.prototype.set = realSet; });
-  const c = await connect(fakeEdge.url, { name: 'metadata-throws' });
+test("a relay stream refused for the edge's identity is logged naming the setting, told once, retried slowly", async (t) => {
+  const refusing = await startFakePresence({ refuseStream: grpc.status.PERMISSION_DENIED });
+  t.after(() => refusing.stop());
+  const edge = await startTestEdge({ target: refusing.target, identity: 'trust-client', backoff: { initialMs: 20, maxMs: 400 } });
+  t.after(() => edge.close());
+  const c = await connect(edge.url, { name: 'waiting' });
   t.after(() => c.close());
-  c.socket.emit('user_authenticated', 15);
+  c.socket.emit('user_authenticated', 7);
   const err = await c.waitFor('presence_error', (e) => e.event === 'user_authenticated');
-  assert.equal(err.code, 'INVALID_ARGUMENT');
-  assert.match(err.message, /cannot build the call metadata/);
-  await eventually(() => fakeEdge.stats().sessions === 0, { what: 'no session left' });
-  assert.equal(attempts, 1);
-  assert.equal(fake.calls(15), 0);
+  assert.equal(err.code, 'PERMISSION_DENIED');
+  assert.match(err.message, /refused this edge/);
+  assert.doesNotMatch(err.message, /EDGE_SERVICE_TOKEN/, 'browsers are not told about the edge\'s settings');
+  await eventually(() => refusing.streams() >= 3, { what: 'three attempts' });
+  const refusals = edge.log.entries.filter((e) => e.level === 'error' && /^relay stream refused/.test(e.msg));
+  assert.ok(refusals.length >= 2);
+  assert.match(refusals[0].msg, /EDGE_SERVICE_TOKEN/);
+  assert.ok(refusals.every((e) => e.delay_ms >= 200), `only the longest backoff: ${refusals.map((e) => e.delay_ms)}`);
+  assert.equal(c.received('presence_error').length, 1, 'told once');
+  assert.ok(c.socket.connected);
+  assert.equal(edge.stats().sessions, 1, 'the socket still wants its session');
 });
 
 test('a device label with lone surrogates and control characters is cleaned, and the device comes online', async (t) => {
@@ -94,7 +104,7 @@ test('a device label with lone surrogates and control characters is cleaned, and
   device.socket.emit('user_authenticated', ODD_LABEL);
   await contact.presence(ODD_LABEL, 'online');
   assert.deepEqual(device.received('presence_error'), []);
-  assert.deepEqual(ctx.edge.log.entries.filter((e) => /presence stream (ended|refused)/.test(e.msg)), []);
+  assert.deepEqual(ctx.edge.log.entries.filter((e) => /(presence session|relay stream) (ended|refused)/.test(e.msg)), []);
 });
 
 test('user_authenticated with an id of 2^63 or more is refused as input, not retried against the service', async (t) => {

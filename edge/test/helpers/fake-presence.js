@@ -1,34 +1,69 @@
 'use strict';
-// A stand-in presence service (real gRPC, grpc-js) whose Authenticate answers each user as the
-// test scripts it: end the stream with a given status, or welcome it. For failures the real
-// service cannot be made to produce on demand (OUT_OF_RANGE, FAILED_PRECONDITION…).
+// A stand-in presence service (real gRPC, grpc-js) whose RelayService answers as the test scripts
+// it: for failures the real service cannot be made to produce on demand (OUT_OF_RANGE,
+// FAILED_PRECONDITION on a session, a refused relay stream, a service that never answers), and for
+// deliveries shaped exactly as a test needs (stale versions, groups).
 const grpc = require('@grpc/grpc-js');
 const { loadPresenceProto } = require('../../src/proto');
 
 /**
- * @param {Record<string, Array<number|'welcome'>>} script user id → what each successive
- *   Authenticate call of that user gets: a grpc.status code to end with, or 'welcome'
- *   (the last entry repeats).
- * @returns {Promise<{target: string, calls: (userId: string) => number, stop: () => Promise<void>}>}
+ * @param {object} [o]
+ * @param {Record<string, Array<number|'welcome'|'silent'>>} [o.sessions] user id → what each
+ *   successive open of that user gets: a grpc.status code to end the session with
+ *   (RelaySessionEnded), 'welcome', or 'silent' (nothing at all); the last entry repeats.
+ *   Unscripted users are welcomed.
+ * @param {number} [o.refuseStream] end every relay stream at once with this code
+ * @param {boolean} [o.answer=true] answer get_presence (every id offline, version 1)
+ * @returns {Promise<object>} { target, opens(userId), streams(), commands, session(userId), setAnswer(bool), send(msg), stop() }
  */
-async function startFakePresence(script) {
-  const calls = new Map();
+async function startFakePresence({ sessions: script = {}, refuseStream, answer = true } = {}) {
+  const opens = new Map();
+  const commands = [];
+  const live = new Map(); // user id → latest session id
+  let streams = 0;
+  let current = null;
+  const state = { answer };
   const server = new grpc.Server();
-  server.addService(loadPresenceProto().Presence.service, {
-    Authenticate(call) {
-      const user = String(call.metadata.get('x-presence-user-id')[0] || '');
-      const n = calls.get(user) || 0;
-      calls.set(user, n + 1);
-      const plan = script[user] || [grpc.status.NOT_FOUND];
-      const step = plan[Math.min(n, plan.length - 1)];
-      call.once('data', () => {
-        if (step === 'welcome') {
-          call.write({ welcome: { connection_id: `fake-${user}-${n}`, self: { user_id: user, status: 'STATUS_ONLINE', version: '1' }, contacts: [] } });
-        } else {
-          call.emit('error', { code: step, details: `scripted ${grpc.status[step]}` });
+  server.addService(loadPresenceProto().RelayService.service, {
+    Relay(call) {
+      streams += 1;
+      call.on('error', () => {}); // the edge cancelling is fine
+      if (refuseStream) {
+        call.emit('error', { code: refuseStream, details: `scripted ${grpc.status[refuseStream]}` });
+        return;
+      }
+      current = call;
+      call.on('data', (msg) => {
+        commands.push(msg);
+        if (msg.kind === 'open') {
+          const { session_id: id, user_id: user } = msg.open;
+          const n = opens.get(user) || 0;
+          opens.set(user, n + 1);
+          live.set(user, id);
+          const plan = script[user] || ['welcome'];
+          const step = plan[Math.min(n, plan.length - 1)];
+          if (step === 'welcome') {
+            call.write({
+              welcome: {
+                session_id: id,
+                welcome: { connection_id: `fake-${user}-${n}`, self: { user_id: user, status: 'STATUS_ONLINE', version: '1' }, contacts: [], last_page: true },
+              },
+            });
+          } else if (typeof step === 'number') {
+            call.write({ ended: { session_id: id, code: step, message: `scripted ${grpc.status[step]}` } });
+          }
+        } else if (msg.kind === 'get_presence' && state.answer) {
+          const g = msg.get_presence;
+          call.write({
+            result: {
+              session_id: g.session_id,
+              request_id: g.request_id,
+              users: g.user_ids.map((u) => ({ user_id: u, status: 'STATUS_OFFLINE', version: '1' })),
+            },
+          });
         }
       });
-      call.on('error', () => {}); // the edge cancelling is fine
+      call.on('end', () => call.end());
     },
   });
   const port = await new Promise((resolve, reject) => {
@@ -36,7 +71,17 @@ async function startFakePresence(script) {
   });
   return {
     target: `127.0.0.1:${port}`,
-    calls: (userId) => calls.get(String(userId)) || 0,
+    opens: (userId) => opens.get(String(userId)) || 0,
+    streams: () => streams,
+    commands,
+    /** The session id of `userId`'s latest open. */
+    session: (userId) => live.get(String(userId)),
+    /** Whether get_presence is answered from now on. */
+    setAnswer: (value) => {
+      state.answer = value;
+    },
+    /** Writes a RelayResponse on the latest stream. */
+    send: (msg) => current.write(msg),
     stop: () => new Promise((resolve) => server.tryShutdown(() => resolve())),
   };
 }

@@ -1,0 +1,234 @@
+'use strict';
+// Several edge processes behind one port (EDGE_WORKERS, default: the number of CPUs), with Node's
+// cluster module and socket.io's sticky sessions (@socket.io/sticky):
+//
+// - The primary listens. It reads the first bytes of each new TCP connection and hands the
+//   connection (its file descriptor) to a worker: a request naming a socket.io session (`sid=`)
+//   to the worker that holds that session — HTTP long-polling sends each poll as a new request,
+//   and engine.io only knows its own sessions — anything else to the worker with the fewest
+//   sockets. A WebSocket stays with its worker for its whole life: the primary is out of the data
+//   path once it has handed the connection over. (A polling request with a body is relayed by the
+//   primary over IPC; clients upgrade to WebSocket within a round trip or two.) Workers answer
+//   with `Connection: close`, so no keep-alive connection carries requests of two sessions.
+// - Each worker is a whole edge (startEdge) with its own relay stream to the presence service.
+//   Workers share nothing: a socket's session, its deliveries and its emits all live in the
+//   worker that holds the socket, so no socket.io adapter is needed (the cluster adapter would
+//   send every emit to every other worker over IPC, for nothing).
+// - /healthz, answered by any worker, sums every worker's figures (asked over IPC) and lists
+//   each process (pid, sockets, relay stream, RSS).
+// - A worker that dies is replaced (its sockets reconnect, to the other workers meanwhile);
+//   SIGTERM/SIGINT stop the workers (each closes its sockets and its relay stream) then the primary.
+const cluster = require('node:cluster');
+const net = require('node:net');
+const { setupPrimary, setupWorker } = require('@socket.io/sticky');
+
+const STATS_TIMEOUT_MS = 1000;
+const STOP_TIMEOUT_MS = 10000;
+const RESTART_DELAY_MS = Object.freeze({ initial: 500, max: 30000 });
+
+/** Sums the workers' stats() for /healthz. */
+function aggregate(list, primaryRss) {
+  const live = list.filter(Boolean);
+  const sum = (f) => live.reduce((n, s) => n + (f(s) || 0), 0);
+  return {
+    workers: list.length,
+    sockets: sum((s) => s.sockets),
+    sessions: sum((s) => s.sessions),
+    ready: sum((s) => s.ready),
+    relay_streams: sum((s) => s.relay.streams),
+    emitted: sum((s) => s.emitted),
+    rss: primaryRss + sum((s) => s.rss),
+    processes: [{ pid: process.pid, role: 'primary', rss: primaryRss }, ...list.map((s) => s || { state: 'no answer' })],
+  };
+}
+
+/**
+ * The primary: forks `settings.workers` workers, listens once they are all up, prints
+ * `edge listening on PORT` (stdout) and supervises them. Resolves once listening.
+ */
+async function runPrimary(settings) {
+  const { log, workers: count, port, bind } = settings;
+  const server = net.createServer();
+  setupPrimary(server, { loadBalancingMethod: 'round-robin' });
+  // A connection reset while the primary holds it (before the hand-over) is not worth a crash.
+  server.on('connection', (socket) => socket.on('error', () => socket.destroy()));
+  let stopping = false;
+  let starting = true;
+  let crashes = 0;
+  let seq = 0;
+  const gathers = new Map(); // stats round id → collect(worker, stats)
+
+  const ready = new Set();
+  let startupDone;
+  let startupFailed;
+  const startup = new Promise((resolve, reject) => {
+    startupDone = resolve;
+    startupFailed = reject;
+  });
+
+  const gather = () =>
+    new Promise((resolve) => {
+      const id = ++seq;
+      const workers = Object.values(cluster.workers).filter(Boolean);
+      const replies = new Map();
+      const finish = () => {
+        clearTimeout(timer);
+        gathers.delete(id);
+        resolve(aggregate(workers.map((w) => replies.get(w.id) || null), process.memoryUsage.rss()));
+      };
+      const timer = setTimeout(finish, STATS_TIMEOUT_MS);
+      gathers.set(id, (worker, stats) => {
+        replies.set(worker.id, stats ? { worker: worker.id, ...stats } : null);
+        if (replies.size === workers.length) finish();
+      });
+      for (const w of workers) {
+        try {
+          w.send({ type: 'edge:stats', id });
+        } catch {
+          // exiting; it counts as no answer
+        }
+      }
+      if (workers.length === 0) finish();
+    });
+
+  cluster.on('message', (worker, msg) => {
+    if (!msg || typeof msg.type !== 'string' || !msg.type.startsWith('edge:')) return;
+    if (msg.type === 'edge:ready') {
+      ready.add(worker.id);
+      if (starting && ready.size >= count) startupDone();
+    } else if (msg.type === 'edge:stats') {
+      const collect = gathers.get(msg.id);
+      if (collect) collect(worker, msg.stats);
+    } else if (msg.type === 'edge:health') {
+      gather().then((body) => {
+        if (worker.isConnected()) worker.send({ type: 'edge:health-reply', id: msg.id, body });
+      });
+    }
+  });
+
+  cluster.on('exit', (worker, code, signal) => {
+    ready.delete(worker.id);
+    if (stopping) {
+      if (Object.keys(cluster.workers).length === 0) {
+        log.info('edge stopped');
+        process.exit(0);
+      }
+      return;
+    }
+    if (starting) {
+      startupFailed(new Error(`edge worker ${worker.id} exited while starting (code ${code}, signal ${signal})`));
+      return;
+    }
+    crashes += 1;
+    const delay = Math.min(RESTART_DELAY_MS.max, RESTART_DELAY_MS.initial * 2 ** Math.min(crashes - 1, 10));
+    log.error('edge worker exited; starting another', { worker: worker.id, pid: worker.process.pid, code, signal, delay_ms: delay });
+    setTimeout(() => {
+      if (!stopping) cluster.fork();
+    }, delay).unref();
+  });
+
+  const stop = (signal) => {
+    if (stopping) return;
+    stopping = true;
+    log.info('stopping', { signal });
+    server.close();
+    const workers = Object.values(cluster.workers).filter(Boolean);
+    if (workers.length === 0) process.exit(0);
+    for (const w of workers) {
+      try {
+        w.send({ type: 'edge:stop' });
+      } catch {
+        // already gone
+      }
+    }
+    setTimeout(() => {
+      log.error('edge workers did not stop in time; killing them');
+      for (const w of Object.values(cluster.workers)) if (w) w.process.kill('SIGKILL');
+      process.exit(1);
+    }, STOP_TIMEOUT_MS).unref();
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+
+  // Structured clone over IPC: the first bytes of a connection reach the worker as bytes (with the
+  // default JSON serialization a Buffer arrives as { type, data } and the request is lost).
+  cluster.setupPrimary({ serialization: 'advanced' });
+  log.info('starting edge workers', { workers: count });
+  for (let i = 0; i < count; i += 1) cluster.fork();
+  try {
+    await startup;
+  } catch (err) {
+    stopping = true;
+    for (const w of Object.values(cluster.workers)) if (w) w.process.kill('SIGTERM');
+    throw err;
+  }
+  starting = false;
+  const address = await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, bind, () => {
+      server.off('error', reject);
+      resolve(server.address());
+    });
+  }).catch((err) => {
+    stop('listen failed');
+    throw err;
+  });
+  log.info('edge listening', { port: address.port, host: address.address, workers: count });
+  return { port: address.port, host: address.address };
+}
+
+/**
+ * A worker: a whole edge on connections handed over by the primary. Resolves once it is up (and
+ * has told the primary so).
+ */
+async function runWorker(settings, startEdge) {
+  const { log } = settings;
+  let edge = null;
+  let seq = 0;
+  const asked = new Map(); // health request id → resolve
+  let stopping = false;
+
+  const send = (msg) => {
+    if (process.connected) process.send(msg);
+  };
+  const stop = (why) => {
+    if (stopping) return;
+    stopping = true;
+    log.info('stopping', { reason: why });
+    const done = () => process.exit(0);
+    if (edge) edge.close().then(done, done);
+    else done();
+  };
+  process.on('message', (msg) => {
+    if (!msg || typeof msg.type !== 'string') return;
+    if (msg.type === 'edge:stats') send({ type: 'edge:stats', id: msg.id, stats: edge ? edge.stats() : null });
+    else if (msg.type === 'edge:health-reply') {
+      const resolve = asked.get(msg.id);
+      if (resolve) resolve(msg.body);
+    } else if (msg.type === 'edge:stop') stop('the primary stops');
+  });
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  process.on('disconnect', () => stop('the primary is gone'));
+
+  const health = () =>
+    new Promise((resolve, reject) => {
+      const id = ++seq;
+      const timer = setTimeout(() => {
+        asked.delete(id);
+        reject(new Error('the edge primary did not answer'));
+      }, STATS_TIMEOUT_MS * 2);
+      asked.set(id, (body) => {
+        clearTimeout(timer);
+        asked.delete(id);
+        resolve(body);
+      });
+      send({ type: 'edge:health', id });
+    });
+
+  edge = await startEdge({ ...settings, cluster: { attach: (io) => setupWorker(io), health } });
+  send({ type: 'edge:ready' });
+  return edge;
+}
+
+module.exports = { runPrimary, runWorker, aggregate };
