@@ -406,7 +406,10 @@ class SocketBinding {
       this.activitySent = null;
       if (result.code === grpc.status.RESOURCE_EXHAUSTED) {
         const now = Date.now();
-        if (now - this.limitReportedAt < LIMIT_REPORT_MS) return undefined;
+        if (now - this.limitReportedAt < LIMIT_REPORT_MS) {
+          this.log.debug('activity refused again by the rate limit; reported already', this.fields);
+          return undefined;
+        }
         this.limitReportedAt = now;
       }
     }

@@ -42,6 +42,10 @@ test('EDGE_DEMO on: the page, its files and the socket.io client', async (t) => 
   for (const call of ["emit('user_authenticated'", "on('presence_updated'", "emit('get_presence'", "on('presence_info'", "emit('update_status'"]) {
     assert.ok(script.includes(call), call);
   }
+  // And the edge's additions.
+  for (const call of ["emit('set_custom_status'", "emit('activity'", "on('presence_resync'", "platform: 'web'"]) {
+    assert.ok(script.includes(call), call);
+  }
   assert.equal((await fetch(`${edge.url}/demo/`, { method: 'POST' })).status, 405);
   assert.equal((await fetch(`${edge.url}/demo/../src/server.js`)).status, 404);
 });

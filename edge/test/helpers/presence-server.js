@@ -37,6 +37,7 @@ function freePort() {
  * @param {string} [o.listen='127.0.0.1:0']
  * @param {string} [o.dir] directory holding p.db (reuse it to restart on the same database)
  * @param {string} [o.jwtSecret] sets PRESENCE_JWT_SECRET (otherwise development mode)
+ * @param {Record<string, string>} [o.env] more PRESENCE_* settings (PRESENCE_RATE_ACTIVITY_PER_MIN…)
  */
 function startPresenceServer(o = {}) {
   if (!fs.existsSync(PRESENCE_BIN)) {
@@ -59,6 +60,7 @@ function startPresenceServer(o = {}) {
     PRESENCE_METRICS_LISTEN: '',
   });
   if (o.jwtSecret) env.PRESENCE_JWT_SECRET = o.jwtSecret;
+  Object.assign(env, o.env);
 
   const child = spawn(PRESENCE_BIN, ['serve', '--listen', o.listen || '127.0.0.1:0'], {
     env,
@@ -132,20 +134,23 @@ function serviceClients(target, { serviceToken } = {}) {
   const creds = grpc.credentials.createInsecure();
   const contacts = new pkg.Contacts(target, creds);
   const presence = new pkg.Presence(target, creds);
-  const md = () => {
+  const md = (actingFor) => {
     const m = new grpc.Metadata();
     if (serviceToken) m.set('authorization', `Bearer ${serviceToken}`);
     else m.set('x-presence-service', 'test');
+    if (actingFor) m.set('x-presence-user-id', String(actingFor));
     return m;
   };
-  const unary = (client, method, request) =>
+  const unary = (client, method, request, actingFor) =>
     new Promise((resolve, reject) => {
-      client[method](request, md(), { deadline: Date.now() + 10000 }, (err, res) => (err ? reject(err) : resolve(res)));
+      client[method](request, md(actingFor), { deadline: Date.now() + 10000 }, (err, res) => (err ? reject(err) : resolve(res)));
     });
   return {
     addContacts: (pairs) =>
       unary(contacts, 'AddContacts', { pairs: pairs.map(([user_id, contact_id]) => ({ user_id, contact_id })) }),
     getStats: () => unary(presence, 'GetStats', {}),
+    /** SetPrivacy as `userId` (a service acting for the user). */
+    setPrivacy: (userId, settings) => unary(presence, 'SetPrivacy', { settings }, userId),
     /** Resolves once the server counts exactly `n` live Authenticate streams. */
     async waitForConnections(n, timeoutMs = 10000) {
       const until = Date.now() + timeoutMs;
