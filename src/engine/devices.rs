@@ -85,14 +85,16 @@ impl Engine {
                     None => Step::NotLoaded,
                     Some(entry) => {
                         let limit = self.shared.config.max_devices;
-                        if entry.local.total >= limit {
+                        if entry.local().total >= limit {
                             return Err(EngineError::TooManyDevices { user, limit });
                         }
                         if !sub.track(user) {
                             return Err(EngineError::Closed);
                         }
-                        entry.local.add(&Devices::one(Activity::Active, platform));
-                        let first = entry.local.total == 1;
+                        entry
+                            .local_mut()
+                            .add(&Devices::one(Activity::Active, platform));
+                        let first = entry.local().total == 1;
                         sub.set_own_last_seen(entry.presence().privacy.last_seen);
                         let audience = entry.audience();
                         audience.followers.push(sub.clone());
@@ -157,11 +159,12 @@ impl Engine {
             let Some(entry) = shard.users.get_mut(&user) else {
                 return;
             };
-            let had = entry.local.total;
-            entry.local.remove(&Devices::one(activity, platform));
+            let had = entry.local().total;
+            entry.local_mut().remove(&Devices::one(activity, platform));
             // (After a shutdown took every device offline, a stream dropped late finds none.)
-            let last = had > 0 && entry.local.total == 0;
+            let last = had > 0 && entry.local().total == 0;
             let op = self.device_report(entry, (last && use_grace).then_some(token));
+            entry.tidy();
             if last {
                 c.online_users.fetch_sub(1, Ordering::Relaxed);
                 shard.idle.push(user);
@@ -230,11 +233,12 @@ impl Engine {
             let Some(entry) = shard.users.get_mut(&user) else {
                 return;
             };
+            let local = entry.local_mut();
             if old.is_active() {
-                entry.local.active = entry.local.active.saturating_sub(1);
+                local.active = local.active.saturating_sub(1);
             }
             if activity.is_active() {
-                entry.local.active += 1;
+                local.active += 1;
             }
             let op = self.device_report(entry, None);
             if self.is_cluster() {

@@ -151,7 +151,7 @@ impl Engine {
                     self.shard(u)
                         .users
                         .get(&u)
-                        .is_none_or(|e| e.local.total == 0)
+                        .is_none_or(|e| e.local().total == 0)
                 })
                 .collect();
             let offline: Vec<(UserId, u64)> = rows
@@ -225,9 +225,9 @@ impl Engine {
         for shard in self.shared.shards.iter() {
             let mut shard = shard.lock().expect("shard lock poisoned");
             for (u, e) in shard.users.iter_mut() {
-                if e.local.total > 0 || e.presence().grace.is_some() {
+                if e.local().total > 0 || e.presence().grace.is_some() {
                     // Kept in memory too, so a later upsert of the row carries it.
-                    e.checkpoint_at = Some(now);
+                    e.set_checkpoint(now);
                     online.push(*u);
                 }
             }

@@ -54,26 +54,26 @@ pub(super) struct Shard {
 /// One user's live state on this node.
 pub(super) struct Entry {
     /// None: never seen (what [`NEVER_SEEN`] says), so that the many users watched only by id
-    /// cost little.
+    /// cost little (48 bytes, plus their watchers).
     presence: Option<Box<Presence>>,
-    /// This node's devices of the user.
-    pub local: Devices,
+    /// Subscribers to notify of this user's changes.
+    pub watchers: Vec<Watch>,
+    /// Set while the user has devices or subscribers of their own on this node.
+    pub audience: Option<Box<Audience>>,
     /// Changed since the last flush.
     pub dirty: bool,
     /// Cluster mode: holds a change decided with local rules while the backplane was away,
     /// which it has not confirmed yet (reconciled when it answers again).
     pub unsynced: bool,
-    /// "Still online at", written with the row.
-    pub checkpoint_at: Option<Millis>,
-    /// Subscribers to notify of this user's changes.
-    pub watchers: Vec<Watch>,
-    /// Set while the user has subscribers of their own on this node.
-    pub audience: Option<Box<Audience>>,
 }
 
-/// A user's own subscribers on this node.
+/// A user's own devices and subscribers on this node.
 #[derive(Default)]
 pub(super) struct Audience {
+    /// This node's devices of the user.
+    pub local: Devices,
+    /// "Still online at", written with the row.
+    pub checkpoint_at: Option<Millis>,
     /// Those following the user's contacts (devices and contact watches): a contact added
     /// later is attached to each of them.
     pub followers: Vec<Arc<Subscriber>>,
@@ -98,12 +98,10 @@ impl Entry {
     pub fn new(presence: Presence) -> Entry {
         Entry {
             presence: (presence != NEVER_SEEN).then(|| Box::new(presence)),
-            local: Devices::default(),
-            dirty: false,
-            unsynced: false,
-            checkpoint_at: None,
             watchers: Vec::new(),
             audience: None,
+            dirty: false,
+            unsynced: false,
         }
     }
 
@@ -124,6 +122,28 @@ impl Entry {
         self.audience.get_or_insert_with(Default::default)
     }
 
+    /// This node's devices of the user.
+    pub fn local(&self) -> Devices {
+        self.audience.as_ref().map(|a| a.local).unwrap_or_default()
+    }
+
+    pub fn local_mut(&mut self) -> &mut Devices {
+        &mut self.audience().local
+    }
+
+    pub fn set_checkpoint(&mut self, at: Millis) {
+        self.audience().checkpoint_at = Some(at);
+    }
+
+    /// Adds a watcher; a user's first one takes room for exactly one (most users watched by
+    /// id have one watcher, and Vec's first growth would make room for four).
+    pub fn add_watch(&mut self, watch: Watch) {
+        if self.watchers.capacity() == 0 {
+            self.watchers.reserve_exact(1);
+        }
+        self.watchers.push(watch);
+    }
+
     pub fn view(&self, user: UserId, ctx: ViewerContext, now: Millis) -> PresenceView {
         project(user, self.presence(), ctx, now)
     }
@@ -139,7 +159,7 @@ impl Entry {
             offline_version: p.offline_version,
             epoch,
             privacy: p.privacy,
-            checkpoint_at: self.checkpoint_at,
+            checkpoint_at: self.audience.as_ref().and_then(|a| a.checkpoint_at),
             custom: p.custom.clone(),
         }
     }
@@ -147,7 +167,7 @@ impl Entry {
     /// Nothing on this node needs the entry: no device, no grace, no receiver, nothing
     /// unwritten.
     pub fn is_idle(&self) -> bool {
-        self.local.total == 0
+        self.local().total == 0
             && self.presence().grace.is_none()
             && self.watchers.is_empty()
             && self.audience.is_none()
@@ -164,9 +184,16 @@ impl Entry {
             if a.followers.is_empty() {
                 a.contacts = None;
             }
-            if a.viewers.is_empty() && a.followers.is_empty() && a.watches == 0 {
-                self.audience = None;
-            }
+        }
+        self.tidy();
+    }
+
+    /// Drops the audience once it holds nothing: no device, no subscriber of the user's own.
+    pub fn tidy(&mut self) {
+        if self.audience.as_ref().is_some_and(|a| {
+            a.viewers.is_empty() && a.followers.is_empty() && a.watches == 0 && a.local.total == 0
+        }) {
+            self.audience = None;
         }
     }
 
@@ -411,7 +438,7 @@ impl Engine {
     pub(super) fn device_report(&self, entry: &Entry, grace: Option<u64>) -> Op {
         Op::Devices {
             seq: self.shared.next_report.fetch_add(1, Ordering::Relaxed),
-            devices: entry.local,
+            devices: entry.local(),
             grace,
         }
     }
@@ -446,7 +473,7 @@ pub(super) fn attach_watch(
     if floor > 0 && view.version <= floor {
         view.version = floor + 1;
     }
-    entry.watchers.push(Watch {
+    entry.add_watch(Watch {
         sub: sub.clone(),
         relation,
         last: view.version,

@@ -73,11 +73,11 @@ impl Engine {
         seed.nodes.retain(|n| n.node == *node);
         if matches!(op, Op::Devices { .. }) {
             seed.nodes.clear();
-        } else if seed.nodes.is_empty() && entry.local.total > 0 {
+        } else if seed.nodes.is_empty() && entry.local().total > 0 {
             seed.nodes.push(crate::rules::NodeDevices {
                 node: node.clone(),
                 seq: 0,
-                devices: entry.local,
+                devices: entry.local(),
             });
         }
         seed
@@ -100,8 +100,7 @@ impl Engine {
     /// A change this node made for a user it does not hold in memory: its row is written all
     /// the same.
     fn write_loose(&self, user: UserId, presence: &Presence) {
-        let mut entry = super::registry::Entry::new(presence.clone());
-        entry.checkpoint_at = None;
+        let entry = super::registry::Entry::new(presence.clone());
         let row = entry.row(user, self.epoch());
         self.shared
             .loose_rows
@@ -323,7 +322,7 @@ impl Engine {
         for shard in self.shared.shards.iter() {
             let shard = shard.lock().expect("shard lock poisoned");
             for (&user, e) in shard.users.iter() {
-                if e.local.total > 0 {
+                if e.local().total > 0 {
                     holding.push(self.reconciliation(user, e));
                 } else if e.unsynced {
                     changed_here.push(self.reconciliation(user, e));
@@ -491,12 +490,12 @@ impl Engine {
         for shard in self.shared.shards.iter() {
             let mut shard = shard.lock().expect("shard lock poisoned");
             for (&user, e) in shard.users.iter_mut() {
-                if e.local.total > 0
+                if e.local().total > 0
                     || e.presence()
                         .node(&self.shared.node)
                         .is_some_and(|n| n.devices.total > 0)
                 {
-                    e.local = Default::default();
+                    *e.local_mut() = Default::default();
                     batch.push(Transition {
                         user,
                         op: self.device_report(e, None),

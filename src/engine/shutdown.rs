@@ -46,14 +46,14 @@ impl Engine {
                 let online: Vec<_> = shard
                     .users
                     .iter()
-                    .filter(|(_, e)| e.local.total > 0)
+                    .filter(|(_, e)| e.local().total > 0)
                     .map(|(u, _)| *u)
                     .collect();
                 for user in online {
                     let Some(entry) = shard.users.get_mut(&user) else {
                         continue;
                     };
-                    entry.local = Default::default();
+                    *entry.local_mut() = Default::default();
                     let op = self.device_report(entry, None);
                     self.apply_in(shard, user, &op, now);
                 }

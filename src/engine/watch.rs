@@ -247,8 +247,11 @@ impl Engine {
             Box::new(move || {
                 if let Some(me) = me {
                     let mut shard = engine.shard(me);
-                    if let Some(a) = shard.users.get_mut(&me).and_then(|e| e.audience.as_mut()) {
-                        a.watches = a.watches.saturating_sub(1);
+                    if let Some(e) = shard.users.get_mut(&me) {
+                        if let Some(a) = e.audience.as_mut() {
+                            a.watches = a.watches.saturating_sub(1);
+                        }
+                        e.tidy();
                     }
                 }
                 engine.forget_subscriber(&stream_sub);

@@ -13,7 +13,6 @@ use presence::store::{self, PresenceRow, Store};
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 #[path = "../common/calls.rs"]
@@ -502,26 +501,4 @@ impl Watcher {
     ) -> Result<Watcher, tonic::Status> {
         Self::open_on(app.connection().await, caller, ids).await
     }
-}
-
-/// Asserts a call failed with `code` and a message containing each of `words`.
-pub fn assert_refused<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    code: Code,
-    words: &[&str],
-    why: &str,
-) -> tonic::Status {
-    let status = match result {
-        Ok(v) => panic!("expected {code:?} ({why}), got success: {v:?}"),
-        Err(s) => s,
-    };
-    assert_eq!(status.code(), code, "{why}: {status:?}");
-    for w in words {
-        assert!(
-            status.message().contains(w),
-            "{why}: the message should name {w:?}: {:?}",
-            status.message()
-        );
-    }
-    status
 }

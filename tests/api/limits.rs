@@ -204,7 +204,7 @@ async fn development_mode_is_refused_on_a_non_loopback_address_saying_why() {
 }
 
 #[tokio::test]
-async fn a_jwt_secret_shorter_than_16_bytes_is_refused_naming_the_setting() {
+async fn a_jwt_secret_shorter_than_32_bytes_is_refused_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
     let settings = test_settings(&dir, |s| s.jwt_secret = Some("short".into()));
     match Application::build(settings).await {

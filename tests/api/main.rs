@@ -13,6 +13,7 @@ mod auth;
 mod bad_input;
 mod durability;
 mod fan_out;
+mod hardening;
 mod helpers;
 mod limits;
 mod presence_rules;

@@ -389,10 +389,20 @@ impl Device {
             .await
             .unwrap_or_else(|_| panic!("user {id} on node {name}: no welcome within {WAIT:?}"))
             .unwrap_or_else(|s| panic!("user {id} may connect on node {name}: {s:?}"));
-        let welcome = match first.and_then(|m| m.kind) {
+        let mut welcome = match first.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(w)) => w,
             other => panic!("the first server message is a welcome, got {other:?}"),
         };
+        let mut stream = stream;
+        while !welcome.last_page {
+            match stream.message().await.ok().flatten().and_then(|m| m.kind) {
+                Some(server_message::Kind::Welcome(w)) => {
+                    welcome.contacts.extend(w.contacts);
+                    welcome.last_page = w.last_page;
+                }
+                other => panic!("a welcome's pages come together, got {other:?}"),
+            }
+        }
         let stream = stream.map(|m| {
             m.map(|m| match m.kind {
                 Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),

@@ -4,7 +4,9 @@
 //! keys are deleted, even when the test fails.
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
+
+use crate::clients::free_port;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -88,14 +90,6 @@ fn unique_prefix() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed),
         rand::random::<u32>()
     )
-}
-
-/// A port nobody listens on right now (the kernel's pick for port 0).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("the kernel hands out a free loopback port")
-        .port()
 }
 
 /// A `redis-server` of the test's own, on a free port, with nothing persisted: it can be

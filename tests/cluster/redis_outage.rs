@@ -8,11 +8,12 @@ use presence::pb::Status;
 use presence::telemetry::CLUSTER_HEALTH;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use crate::clients::free_port;
 use crate::clients::{
     Device, add_contacts, converge, metric, presence_on, set_status, status_of, wait_for_health,
     wait_for_metric,
 };
-use crate::harness::{Cluster, OwnRedis, WAIT, exclusive, free_port};
+use crate::harness::{Cluster, OwnRedis, WAIT, exclusive};
 
 /// X and Y are contacts on node A; W, on node B, is X's contact.
 const X: u64 = 1;

@@ -131,3 +131,33 @@ pub fn millis(ts: &prost_types::Timestamp) -> i64 {
 pub fn last_seen(p: &pb::UserPresence) -> Option<i64> {
     p.last_seen.as_ref().map(millis)
 }
+
+/// A port nobody listens on right now (the kernel's pick for port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("the kernel hands out a free loopback port")
+        .port()
+}
+
+/// Asserts a call failed with `code` and a message containing each of `words`.
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    words: &[&str],
+    why: &str,
+) -> tonic::Status {
+    let status = match result {
+        Ok(v) => panic!("expected {code:?} ({why}), got success: {v:?}"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), code, "{why}: {status:?}");
+    for w in words {
+        assert!(
+            status.message().contains(w),
+            "{why}: the message should name {w:?}: {:?}",
+            status.message()
+        );
+    }
+    status
+}

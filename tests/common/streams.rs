@@ -22,6 +22,8 @@ use super::calls::{Caller, WAIT, hello, ping};
 pub enum Incoming {
     Presence(pb::UserPresence),
     Pong(u64),
+    /// One page of a resync (a device back from the background).
+    Resync(pb::Resync),
     /// Anything else, described.
     Other(String),
 }
@@ -78,6 +80,15 @@ impl Inbox {
             if done {
                 return out;
             }
+        }
+    }
+
+    /// The next message, within `within`, whatever it is.
+    pub async fn next_incoming(&mut self, within: Duration) -> Incoming {
+        match tokio::time::timeout(within, self.stream.next()).await {
+            Err(_) => panic!("{}: nothing within {within:?}", self.name),
+            Ok(Some(Ok(incoming))) => incoming,
+            Ok(other) => panic!("{}: expected a message, got {other:?}", self.name),
         }
     }
 
@@ -161,13 +172,28 @@ impl Device {
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((tx, stream, first))
         };
-        let (tx, stream, first) = tokio::time::timeout(within, opening)
+        let (tx, mut stream, first) = tokio::time::timeout(within, opening)
             .await
             .unwrap_or_else(|_| panic!("{caller:?}: no welcome (nor refusal) within {within:?}"))?;
-        let welcome = match first.and_then(|m| m.kind) {
+        let mut welcome = match first.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(w)) => w,
             other => panic!("the first server message is a welcome, got {other:?}"),
         };
+        // A long contact list comes in pages, each a welcome; the last one is marked.
+        while !welcome.last_page {
+            let next = tokio::time::timeout(within, stream.message())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{caller:?}: the welcome's next page within {within:?}")
+                })?;
+            match next.and_then(|m| m.kind) {
+                Some(server_message::Kind::Welcome(w)) => {
+                    welcome.contacts.extend(w.contacts);
+                    welcome.last_page = w.last_page;
+                }
+                other => panic!("a welcome's pages come together, got {other:?}"),
+            }
+        }
         let user = welcome
             .self_
             .as_ref()
@@ -177,6 +203,7 @@ impl Device {
             m.map(|m| match m.kind {
                 Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
                 Some(server_message::Kind::Pong(p)) => Incoming::Pong(p.nonce),
+                Some(server_message::Kind::Resync(r)) => Incoming::Resync(r),
                 other => Incoming::Other(format!("{other:?}")),
             })
         });
@@ -257,13 +284,21 @@ impl Watcher {
         .await
         .expect("WatchContacts answers within the wait")?
         .into_inner();
-        let first = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("the snapshot arrives within the wait")?;
-        let snapshot = match first.and_then(|m| m.kind) {
-            Some(watch_contacts_response::Kind::Snapshot(s)) => s.users,
-            other => panic!("the first watch message is a snapshot, got {other:?}"),
-        };
+        let mut snapshot = Vec::new();
+        loop {
+            let page = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .expect("the snapshot arrives within the wait")?;
+            match page.and_then(|m| m.kind) {
+                Some(watch_contacts_response::Kind::Snapshot(s)) => {
+                    snapshot.extend(s.users);
+                    if s.last_page {
+                        break;
+                    }
+                }
+                other => panic!("a watch starts with its snapshot pages, got {other:?}"),
+            }
+        }
         let stream = stream.map(|m| {
             m.map(|m| match m.kind {
                 Some(watch_contacts_response::Kind::PresenceUpdated(p)) => Incoming::Presence(p),

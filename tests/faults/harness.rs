@@ -211,7 +211,11 @@ impl ServerProcess {
         database_url: &str,
         env: &[(&str, &str)],
     ) -> (ServerProcess, oneshot::Receiver<SocketAddr>) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
+        // PRESENCE_TEST_BIN runs the suite against another build (an older one, to show a test
+        // fails there).
+        let bin = std::env::var("PRESENCE_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_presence").to_string());
+        let mut command = Command::new(bin);
         command.args(["serve", "--listen", "127.0.0.1:0"]);
         // The test's own environment must not leak settings into the server.
         for (key, _) in std::env::vars_os() {
@@ -275,6 +279,23 @@ impl ServerProcess {
             .lock()
             .expect("the stderr log lock is never poisoned")
             .clone()
+    }
+
+    /// The process id, for reading its memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident memory, in bytes (VmRSS).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the server process has a /proc entry");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS is in /proc/PID/status");
+        kib * 1024
     }
 
     /// Whether the process is still running.

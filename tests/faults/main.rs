@@ -20,6 +20,7 @@ mod deadlock;
 mod faulty_store;
 mod grace;
 mod harness;
+mod hostile;
 mod outage;
 mod proxy;
 mod reconnect;
