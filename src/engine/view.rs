@@ -114,7 +114,10 @@ pub fn update_for(
 ) -> Option<PresenceView> {
     let old = project(user_id, before, viewer, now);
     let mut new = project(user_id, after, viewer, now);
-    if old.same_content(&new) {
+    // A custom status is hidden from the moment it expires, in both views alike; the change
+    // that clears it at that moment is still news to whoever could see it.
+    let custom_changed = viewer.sight(after).online && before.custom != after.custom;
+    if old.same_content(&new) && !custom_changed {
         return None;
     }
     let floor = if viewer.sight(before).online {

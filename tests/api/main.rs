@@ -11,6 +11,8 @@
 //! - `limits`: abuse limits (issue 3).
 mod auth;
 mod bad_input;
+mod custom_status;
+mod devices;
 mod durability;
 mod fan_out;
 mod hardening;
@@ -19,3 +21,4 @@ mod limits;
 mod presence_rules;
 mod privacy;
 mod queries;
+mod relay;

@@ -98,6 +98,25 @@ pub fn hello(device: &str) -> pb::ClientMessage {
     }
 }
 
+/// A hello naming the device's platform.
+pub fn hello_on(device: &str, platform: pb::Platform) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Hello(pb::Hello {
+            device: device.to_string(),
+            platform: platform as i32,
+        })),
+    }
+}
+
+/// A device's activity change.
+pub fn activity(a: pb::Activity) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::SetActivity(pb::SetActivity {
+            activity: a as i32,
+        })),
+    }
+}
+
 pub fn ping(nonce: u64) -> pb::ClientMessage {
     pb::ClientMessage {
         kind: Some(client_message::Kind::Ping(pb::Ping { nonce })),

@@ -166,8 +166,18 @@ impl Device {
         label: &str,
         within: Duration,
     ) -> Result<Device, tonic::Status> {
+        Self::open_with(channel, caller, hello(label), within).await
+    }
+
+    /// Like [`Device::open`], with the hello given (a platform, say).
+    pub async fn open_with(
+        channel: Channel,
+        caller: &Caller,
+        hello: pb::ClientMessage,
+        within: Duration,
+    ) -> Result<Device, tonic::Status> {
         let opening = async {
-            let (response, tx) = open_stream_on(channel, caller, vec![hello(label)]).await;
+            let (response, tx) = open_stream_on(channel, caller, vec![hello]).await;
             let mut stream = response?;
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((tx, stream, first))
@@ -230,6 +240,19 @@ impl Device {
             .send(message)
             .await
             .expect("the device stream is still open");
+    }
+
+    /// Sends a ping and collects everything that arrives before its pong: a barrier (a pong
+    /// comes after whatever the server queued before it).
+    pub async fn until_pong(&mut self, nonce: u64) -> Vec<Incoming> {
+        self.send(ping(nonce)).await;
+        let mut before = Vec::new();
+        loop {
+            match self.inbox.next_incoming(WAIT).await {
+                Incoming::Pong(n) if n == nonce => return before,
+                other => before.push(other),
+            }
+        }
     }
 
     /// Sends a ping and waits for its pong. Panics if an update comes first.
