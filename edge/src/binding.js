@@ -41,9 +41,34 @@ const MAX_RESYNC_BATCH = 1000;
 const KIND = Object.freeze({ update_status: 1, activity: 2, get_presence: 3, set_custom_status: 4 });
 const KIND_EVENT = Object.freeze(['', 'update_status', 'activity', 'get_presence', 'set_custom_status']);
 
+/**
+ * A user id as a Map key: a Number while it is exact (every realistic id: no string per entry), the
+ * decimal string above 2^53. The same id always gets the same key.
+ */
+function userKey(id) {
+  return typeof id === 'string' && id.length <= 15 ? Number(id) : String(id);
+}
+
+// Views are immutable once built, so sockets that were told the same thing share one: a user's
+// presence in the Welcome of each of their contacts is one object, not one per contact. Bounded:
+// the table is emptied when it is full (sharing then starts again).
+const VIEW_CACHE_MAX = 100000;
+const viewCache = new Map();
+
 /** A UserPresence as the edge passes it on: its user key, version and client payload. */
 function presenceView(p) {
-  return { key: p.user_id, version: versionOf(p), payload: toSeedPresence(p) };
+  return { key: userKey(p.user_id), version: versionOf(p), payload: toSeedPresence(p) };
+}
+
+/** presenceView(p), shared with every other socket told exactly the same. */
+function sharedView(p) {
+  const view = presenceView(p);
+  const id = `${view.key}/${view.version}`;
+  const cached = viewCache.get(id);
+  if (cached && samePayload(cached.payload, view.payload)) return cached;
+  if (viewCache.size >= VIEW_CACHE_MAX) viewCache.clear();
+  viewCache.set(id, view);
+  return view;
 }
 
 /** handshake auth.device, else the User-Agent, else 'web'; printable and at most 64 characters. */
@@ -52,9 +77,31 @@ function deviceLabel(handshake) {
   return sanitizeDeviceLabel(auth.device) || sanitizeDeviceLabel(handshake.headers['user-agent']) || 'web';
 }
 
+/** The socket's binding method `method`, as a listener shared by every socket. */
+function listener(event, method) {
+  return function onSocketEvent(...args) {
+    const binding = this.data.binding;
+    try {
+      binding[method](...args);
+    } catch (err) {
+      binding.log.error('handler failed', { socket: binding.socketId, event, error: String(err && err.stack) });
+    }
+  };
+}
+const LISTENERS = Object.freeze(
+  [
+    ['user_authenticated', 'onUserAuthenticated'],
+    ['update_status', 'onUpdateStatus'],
+    ['get_presence', 'onGetPresence'],
+    ['activity', 'onActivity'],
+    ['set_custom_status', 'onSetCustomStatus'],
+    ['disconnect', 'close'],
+  ].map(([event, method]) => [event, listener(event, method)]),
+);
+
 class SocketBinding {
   /**
-   * @param {object} edge { identity, relay, log, statusRate, commandRate, backoff }
+   * @param {object} edge { identity, relay, bindings, log, statusRate, commandRate, backoff, requestTimeoutMs }
    * @param {import('socket.io').Socket} socket
    */
   constructor(edge, socket) {
@@ -64,6 +111,7 @@ class SocketBinding {
     this.log = edge.log;
     this.sessionId = ''; // set by the relay
     this.userId = null; // decimal string once user_authenticated
+    this.userKey = null; // the same as a Map key (userKey)
     this.joined = false; // wants a session (from user_authenticated until the socket goes)
     this.welcomed = false;
     this.closed = false;
@@ -86,20 +134,9 @@ class SocketBinding {
     this.limitReportedAt = 0;
     this.relayRefused = false;
 
-    const on = (event, handler) => {
-      socket.on(event, (...args) => {
-        try {
-          handler.apply(this, args);
-        } catch (err) {
-          this.log.error('handler failed', { socket: this.socketId, event, error: String(err && err.stack) });
-        }
-      });
-    };
-    on('user_authenticated', this.onUserAuthenticated);
-    on('update_status', this.onUpdateStatus);
-    on('get_presence', this.onGetPresence);
-    on('activity', this.onActivity);
-    on('set_custom_status', this.onSetCustomStatus);
+    // Shared listeners (socket.io calls them with the socket as `this`): no closures per socket.
+    socket.data.binding = this;
+    for (const [event, listener] of LISTENERS) socket.on(event, listener);
   }
 
   get fields() {
@@ -143,6 +180,7 @@ class SocketBinding {
       this.badPlatform = null;
     }
     this.userId = userId;
+    this.userKey = userKey(userId);
     this.joined = true;
     this.edge.relay.join(this);
   }
@@ -341,13 +379,13 @@ class SocketBinding {
   onWelcome(welcome) {
     if (this.closed) return;
     if (welcome.self) {
-      // Not sent to the browser (the seed never told a user about themselves), but remembered so
-      // updates of the user's own presence from their other devices are ordered too.
+      // Never sent to the browser (the seed never told a user about themselves), but remembered
+      // so a get_presence of oneself is never older than what the service said.
       const self = presenceView(welcome.self);
       this.known.set(self.key, self);
     }
     for (const p of welcome.contacts) {
-      const view = presenceView(p);
+      const view = sharedView(p);
       const had = this.known.get(view.key);
       // A snapshot is authoritative for a new session (after a service restart versions may even
       // restart), so it replaces what we had; it is only re-sent when it differs.
@@ -363,13 +401,16 @@ class SocketBinding {
     }
   }
 
-  /** A delivery for this socket: true (and remembered) unless older than what it already has. */
+  /**
+   * A delivery for this socket: true (and remembered) unless older than what it already has, or
+   * about the socket's own user (remembered, not sent: the seed never told a user about themselves).
+   */
   accept(view) {
     if (this.closed) return false;
     const had = this.known.get(view.key);
     if (had !== undefined && view.version <= had.version) return false;
     this.known.set(view.key, view);
-    return true;
+    return view.key !== this.userKey;
   }
 
   /** A get_presence entry; never older than what this socket was already told. */
@@ -397,8 +438,8 @@ class SocketBinding {
         return undefined;
       }
       const view = result.presence ? presenceView(result.presence) : null;
+      if (view) this.accept(view);
       if (req.reply) req.reply({ ok: true, presence: view ? view.payload : null });
-      if (view && this.accept(view)) this.socket.emit('presence_updated', view.payload);
       return undefined;
     }
     if (!code) return undefined;
@@ -503,6 +544,7 @@ class SocketBinding {
   close(reason) {
     if (this.closed) return;
     this.closed = true;
+    this.edge.bindings.delete(this);
     this.edge.relay.leave(this);
     this.joined = false;
     clearTimeout(this.retryTimer);

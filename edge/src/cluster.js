@@ -26,6 +26,12 @@ const STATS_TIMEOUT_MS = 1000;
 const STOP_TIMEOUT_MS = 10000;
 const RESTART_DELAY_MS = Object.freeze({ initial: 500, max: 30000 });
 
+/** The workers' node flags: the primary's, plus the young generation size unless already given. */
+function workerExecArgv(semiSpaceMb) {
+  const given = [...process.execArgv, process.env.NODE_OPTIONS || ''].some((a) => a.includes('--max-semi-space-size'));
+  return semiSpaceMb && !given ? [...process.execArgv, `--max-semi-space-size=${semiSpaceMb}`] : process.execArgv;
+}
+
 /** Sums the workers' stats() for /healthz. */
 function aggregate(list, primaryRss) {
   const live = list.filter(Boolean);
@@ -152,7 +158,7 @@ async function runPrimary(settings) {
 
   // Structured clone over IPC: the first bytes of a connection reach the worker as bytes (with the
   // default JSON serialization a Buffer arrives as { type, data } and the request is lost).
-  cluster.setupPrimary({ serialization: 'advanced' });
+  cluster.setupPrimary({ serialization: 'advanced', execArgv: workerExecArgv(settings.semiSpaceMb) });
   log.info('starting edge workers', { workers: count });
   for (let i = 0; i < count; i += 1) cluster.fork();
   try {

@@ -36,7 +36,8 @@ function createFanOut(io, counters) {
         const binding = sessions.get(id);
         if (binding !== undefined && binding.accept(view)) to.push(binding.socketId);
       }
-      counters.stale += group.session_ids.length - to.length;
+      // Stale for that socket, about its own user, or a session that just ended.
+      counters.dropped += group.session_ids.length - to.length;
       if (to.length === 0) continue;
       counters.emitted += to.length;
       io.to(to).emit('presence_updated', view.payload);
@@ -145,7 +146,7 @@ async function startEdge(options = {}) {
   const { bind, origins } = checkOptions({ identity, host, serviceToken, corsOrigins });
   const proto = loadPresenceProto();
   const bindings = new Set();
-  const counters = { emitted: 0, stale: 0 };
+  const counters = { emitted: 0, dropped: 0 };
 
   // Plain HTTP requests (set below); socket.io takes its own path before this handler sees it.
   let handle = null;
@@ -172,7 +173,7 @@ async function startEdge(options = {}) {
       return md;
     },
   });
-  const edge = { identity, log, relay, backoff, statusRate, commandRate, requestTimeoutMs };
+  const edge = { identity, log, relay, bindings, backoff, statusRate, commandRate, requestTimeoutMs };
 
   if (identity === 'trust-client') {
     log.warn(
@@ -195,7 +196,7 @@ async function startEdge(options = {}) {
       ready,
       relay: relay.stats(),
       emitted: counters.emitted,
-      stale: counters.stale,
+      dropped: counters.dropped,
       rss: process.memoryUsage.rss(),
     };
   };
@@ -207,15 +208,13 @@ async function startEdge(options = {}) {
   });
   if (identity === 'token') io.use(tokenMiddleware(log));
   io.on('connection', (socket) => {
-    const binding = new SocketBinding(edge, socket);
-    // The handshake is built: the edge needs nothing more of the first HTTP request, which would
-    // otherwise stay in memory for the socket's whole life.
+    bindings.add(new SocketBinding(edge, socket)); // removed from the set when the socket closes
+    // The handshake is built (socket.handshake keeps the headers): the edge needs nothing more of
+    // the first HTTP request. engine.io keeps the WebSocket upgrade request until the socket
+    // closes; its raw header list (every header name again) is dropped.
+    const req = socket.conn.request;
+    if (req && Array.isArray(req.rawHeaders)) req.rawHeaders = [];
     socket.conn.request = null;
-    bindings.add(binding);
-    socket.on('disconnect', (reason) => {
-      binding.close(reason);
-      bindings.delete(binding);
-    });
   });
 
   relay.start();
@@ -245,8 +244,7 @@ async function startEdge(options = {}) {
       closing = new Promise((resolve) => {
         // Disconnects every socket (each closes its session), then closes the HTTP server.
         io.close(() => resolve());
-        for (const b of bindings) b.close('edge shutdown');
-        bindings.clear();
+        for (const b of [...bindings]) b.close('edge shutdown');
       })
         .then(() => relay.close())
         .then(() => log.info('edge stopped'));

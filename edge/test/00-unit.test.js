@@ -275,6 +275,7 @@ test('npm start: unsafe or broken access settings exit with a message naming the
     [{}, /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: '0' }, /EDGE_WORKERS must be a whole number from 1 to 64/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: 'many' }, /EDGE_WORKERS must be a whole number/],
+    [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKER_SEMI_SPACE_MB: '-1' }, /EDGE_WORKER_SEMI_SPACE_MB must be a whole number of megabytes/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_SERVICE_TOKEN: 'abc\u00e9' }, /EDGE_SERVICE_TOKEN must be printable ASCII/],
     [{ EDGE_DEMO: 'maybe' }, /EDGE_DEMO must be 1 or 0/],
   ];
