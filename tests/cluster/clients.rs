@@ -202,6 +202,8 @@ pub fn status_of(p: &pb::UserPresence) -> pb::Status {
 enum Incoming {
     Presence(pb::UserPresence),
     Pong(u64),
+    /// A passive device's catch-up (its entries are checked like updates).
+    Resync(Vec<pb::UserPresence>),
     Other(String),
 }
 
@@ -276,6 +278,9 @@ impl Inbox {
                     return p;
                 }
                 Incoming::Pong(_) => continue,
+                Incoming::Resync(users) => {
+                    panic!("{}: expected an update, got a resync: {users:?}", self.name)
+                }
                 Incoming::Other(what) => {
                     panic!("{}: expected an update, got {what}", self.name)
                 }
@@ -338,6 +343,27 @@ impl Inbox {
         }
     }
 
+    /// The next message, which must be a resync, within `within`; its entries are checked
+    /// like updates (each newer than what this receiver had).
+    pub async fn expect_resync(&mut self, within: Duration, why: &str) -> Vec<pb::UserPresence> {
+        assert!(
+            self.backlog.is_empty(),
+            "{}: updates came before the resync ({why}): {:?}",
+            self.name,
+            self.backlog
+        );
+        let deadline = tokio::time::Instant::now() + within;
+        match self.next_incoming(deadline, "a resync").await {
+            Incoming::Resync(users) => {
+                for p in &users {
+                    self.check(p);
+                }
+                users
+            }
+            other => panic!("{}: expected a resync ({why}), got {other:?}", self.name),
+        }
+    }
+
     /// Reads whatever has already arrived (checking versions), without waiting; stops quietly
     /// at the end of the stream (a node that was killed).
     pub fn drain(&mut self) -> Vec<pb::UserPresence> {
@@ -368,12 +394,26 @@ impl Device {
 
     /// Opens a device of `id` on a given connection to node `name`.
     pub async fn connect_on(channel: tonic::transport::Channel, name: &str, id: u64) -> Device {
+        Self::open(channel, name, id, pb::Platform::Unspecified).await
+    }
+
+    /// Opens a device of `id` on `node` that says it runs on `platform`.
+    pub async fn connect_as(node: &Node, id: u64, platform: pb::Platform) -> Device {
+        Self::open(node.channel.clone(), &node.name, id, platform).await
+    }
+
+    async fn open(
+        channel: tonic::transport::Channel,
+        name: &str,
+        id: u64,
+        platform: pb::Platform,
+    ) -> Device {
         let opening = async {
             let (tx, rx) = mpsc::channel(16);
             let hello = pb::ClientMessage {
                 kind: Some(client_message::Kind::Hello(pb::Hello {
                     device: "phone".into(),
-                    ..Default::default()
+                    platform: platform as i32,
                 })),
             };
             tx.send(hello).await.expect("the outbound queue has room");
@@ -407,6 +447,7 @@ impl Device {
             m.map(|m| match m.kind {
                 Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
                 Some(server_message::Kind::Pong(p)) => Incoming::Pong(p.nonce),
+                Some(server_message::Kind::Resync(r)) => Incoming::Resync(r.users),
                 other => Incoming::Other(format!("{other:?}")),
             })
         });
@@ -433,6 +474,19 @@ impl Device {
             .unwrap_or_else(|| panic!("user {id} is in the welcome's contacts"))
     }
 
+    /// Tells the server this device is now active, idle or in the background.
+    pub async fn set_activity(&self, activity: pb::Activity) {
+        let msg = pb::ClientMessage {
+            kind: Some(client_message::Kind::SetActivity(pb::SetActivity {
+                activity: activity as i32,
+            })),
+        };
+        self.tx
+            .send(msg)
+            .await
+            .unwrap_or_else(|_| panic!("{}: the stream is still open", self.inbox.name));
+    }
+
     /// Pings over the stream and waits for the pong: proof the stream is alive end to end.
     /// Updates read on the way are kept for the next `next_update`.
     pub async fn ping(&mut self, nonce: u64) {
@@ -451,6 +505,12 @@ impl Device {
                 Incoming::Presence(p) => {
                     self.inbox.check(&p);
                     self.inbox.backlog.push_back(p);
+                }
+                Incoming::Resync(users) => {
+                    panic!(
+                        "{}: expected a pong, got a resync: {users:?}",
+                        self.inbox.name
+                    )
                 }
                 Incoming::Other(what) => {
                     panic!("{}: expected a pong, got {what}", self.inbox.name)
