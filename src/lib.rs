@@ -13,6 +13,7 @@
 //! - [`server`]: the assembly: listeners, health, reflection, shutdown; [`settings`] and
 //!   [`telemetry`] feed it.
 pub mod auth;
+pub mod cli;
 pub mod cluster;
 pub mod domain;
 pub mod engine;

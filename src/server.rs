@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures::StreamExt;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -20,7 +20,7 @@ use crate::grpc::limits::RateLimits;
 use crate::grpc::{ContactsService, IdentityLayer, ObserveLayer, PresenceService, RelayService};
 use crate::pb;
 use crate::rules::NodeId;
-use crate::settings::Settings;
+use crate::settings::{Checked, SecretUrl, Settings, SettingsError};
 use crate::store::{self, Store};
 
 /// Health service names we report on; "" is the whole server.
@@ -42,18 +42,22 @@ pub struct Application {
 
 /// Opens the store named by the URL and migrates it, retrying while the database is
 /// unreachable (saying so each time) instead of crash-looping silently.
-pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(url: &SecretUrl) -> anyhow::Result<Arc<dyn Store>> {
     let mut delay = Duration::from_millis(500);
     loop {
         let attempt = async {
-            let store = store::connect(url).await?;
+            let store = store::connect(url.expose()).await?;
             store.migrate().await?;
             Ok::<_, store::StoreError>(store)
         };
         match attempt.await {
             Ok(s) => return Ok(s),
-            Err(store::StoreError::UnsupportedUrl(u)) => {
-                bail!("DATABASE_URL {u:?} is not supported: use sqlite://FILE or mysql://…")
+            Err(store::StoreError::UnsupportedUrl(_)) => {
+                return Err(SettingsError::new(
+                    "DATABASE_URL",
+                    format!("{url} is not supported: use sqlite://FILE or mysql://…"),
+                )
+                .into());
             }
             Err(e @ store::StoreError::Migrate(_)) => {
                 return Err(e).context("database migration failed");
@@ -87,25 +91,12 @@ fn new_node_id() -> NodeId {
     Arc::from(format!("{:016x}", rand::random::<u64>()).as_str())
 }
 
-/// The identity verifier the settings ask for; development mode only on a loopback listener.
-fn verifier_for(settings: &Settings) -> anyhow::Result<Verifier> {
-    let keys = settings.keys().map_err(anyhow::Error::msg)?;
-    let verifier = Verifier::from_keys(&keys).map_err(anyhow::Error::msg)?;
-    if verifier.is_development() && !settings.listen.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {} in development mode: set PRESENCE_JWT_SECRET or PRESENCE_JWT_PUBLIC_KEY, or listen on a loopback address",
-            settings.listen
-        );
-    }
-    Ok(verifier)
-}
-
 impl Application {
     /// Validates the settings, opens and migrates the store, starts the engine and binds the
     /// listener. Refuses development mode on a non-loopback address.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         // Settings are checked before waiting on the database, so a typo fails at once.
-        verifier_for(&settings)?;
+        settings.check()?;
         let store = open_store(&settings.database_url).await?;
         Self::build_with_store(settings, store).await
     }
@@ -116,15 +107,14 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Application> {
-        let verifier = verifier_for(&settings)?;
+        let Checked { verifier, redis } = settings.check()?;
         if verifier.is_development() {
             tracing::warn!(
                 "DEVELOPMENT MODE: no JWT key configured; callers are trusted to name themselves with x-presence-user-id / x-presence-service metadata. Never expose this."
             );
         }
-        settings.metrics_addr().map_err(anyhow::Error::msg)?;
         let node = new_node_id();
-        let backplane = match settings.redis() {
+        let backplane = match redis {
             Some(config) => Some(connect_redis(node.clone(), config).await),
             None => None,
         };

@@ -3,20 +3,16 @@
 //! `mysql://root@127.0.0.1:3306/test`). Each MySQL test creates its own database through that
 //! URL and drops it afterwards, so the tests run in parallel.
 //!
-//! Without the variable the MySQL tests say they are skipped and pass, except under `CI=true`,
-//! where a missing variable or an unreachable server fails them: CI must not go green on half a
-//! suite.
-use std::io::Write;
+//! Without the variable the MySQL tests are listed as ignored (see build.rs); with it, an
+//! unreachable server fails them. `.ci/run` always sets it.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use presence::domain::{CustomStatus, Privacy, Status, UserId, Visibility};
 use presence::store::{
     self, MAX_ROWS_PER_STATEMENT, MySqlStore, PresenceRow, SqliteStore, Store, StoreError,
 };
 use sqlx::{Connection, Executor};
-
-const MYSQL_URL_VAR: &str = "PRESENCE_TEST_MYSQL_URL";
 
 /// The node the cases write rows as.
 const NODE: &str = "node-a";
@@ -884,43 +880,17 @@ async fn sqlite_store() -> TestStore {
     }
 }
 
-/// The MySQL test database, or `None` if MySQL tests are skipped here (not in CI, no URL).
-async fn mysql_store() -> Option<TestStore> {
-    let database = MySqlDatabase::create(mysql_admin_url()?).await;
+/// A fresh MySQL test database of its own.
+async fn mysql_store() -> TestStore {
+    let database = MySqlDatabase::create(mysql_db::admin_url()).await;
     let store = store::connect(&database.url())
         .await
         .expect("the store connects to its test database");
     store.migrate().await.expect("MySQL migrations apply");
-    Some(TestStore {
+    TestStore {
         store,
         database: TestDatabase::MySql(database),
-    })
-}
-
-/// The URL to create MySQL test databases with, or `None` if MySQL tests are skipped here (not
-/// in CI, no URL).
-fn mysql_admin_url() -> Option<String> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let admin_url = match std::env::var(MYSQL_URL_VAR) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ if in_ci => panic!(
-            "{MYSQL_URL_VAR} is not set but CI=true: the MySQL store tests may not be skipped in CI"
-        ),
-        _ => {
-            // Once per run, and past libtest's capture (which only takes print!/eprint!), so the
-            // skip is seen without --nocapture.
-            static SAID: Once = Once::new();
-            SAID.call_once(|| {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: the MySQL store tests pass without running; set \
-                     {MYSQL_URL_VAR}=mysql://root@127.0.0.1:3306/test to run them"
-                );
-            });
-            return None;
-        }
-    };
-    Some(admin_url)
+    }
 }
 
 #[path = "common/mysql_db.rs"]
@@ -944,10 +914,10 @@ macro_rules! store_suite {
         mod mysql {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(not(mysql_tests), ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests")]
                 async fn $case() {
-                    if let Some(db) = super::mysql_store().await {
-                        super::$case(std::sync::Arc::clone(&db.store)).await;
-                    }
+                    let db = super::mysql_store().await;
+                    super::$case(std::sync::Arc::clone(&db.store)).await;
                 }
             )+
         }
@@ -1122,10 +1092,12 @@ async fn sqlite_busy_is_transient_and_constraint_violations_are_not() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(mysql_tests),
+    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+)]
 async fn mysql_lock_wait_timeouts_are_transient_and_constraint_violations_are_not() {
-    let Some(db) = mysql_store().await else {
-        return;
-    };
+    let db = mysql_store().await;
     let TestDatabase::MySql(database) = &db.database else {
         unreachable!("mysql_store keeps a MySQL database")
     };
@@ -1193,11 +1165,12 @@ async fn nodes_starting_together_all_migrate(url: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(mysql_tests),
+    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+)]
 async fn mysql_nodes_starting_together_on_a_fresh_database_all_migrate() {
-    let Some(admin_url) = mysql_admin_url() else {
-        return;
-    };
-    let database = MySqlDatabase::create(admin_url).await;
+    let database = MySqlDatabase::create(mysql_db::admin_url()).await;
     nodes_starting_together_all_migrate(&database.url()).await;
 }
 

@@ -285,7 +285,7 @@ async fn token_subjects_audiences_and_lifetimes_follow_the_rules() {
 async fn weak_jwt_secrets_are_refused_at_start() {
     for weak in [" ".repeat(16), "x".repeat(40), "0123456789abcdef".into()] {
         let dir = tempfile::tempdir().expect("a directory");
-        let settings = test_settings(&dir, |s| s.jwt_secret = Some(weak.clone()));
+        let settings = test_settings(&dir, |s| s.jwt_secret = Some(weak.as_str().into()));
         match presence::server::Application::build(settings).await {
             Ok(_) => panic!("the secret {weak:?} must be refused"),
             Err(e) => assert!(format!("{e:#}").contains("PRESENCE_JWT_SECRET"), "{e:#}"),

@@ -63,10 +63,11 @@ pub struct TestApp {
 pub fn test_settings(db_dir: &TempDir, configure: impl FnOnce(&mut Settings)) -> Settings {
     let mut settings = Settings::defaults();
     settings.listen = "127.0.0.1:0".parse().expect("a literal address");
-    settings.database_url = format!("sqlite://{}", db_dir.path().join("presence.db").display());
+    settings.database_url =
+        format!("sqlite://{}", db_dir.path().join("presence.db").display()).into();
     settings.offline_grace_ms = 0;
     settings.flush_interval_ms = 50;
-    settings.metrics_listen = String::new();
+    settings.metrics_listen = presence::settings::MetricsListen(None);
     configure(&mut settings);
     settings
 }
@@ -81,7 +82,7 @@ pub async fn spawn_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
 /// A server in JWT mode (HS256 with [`SECRET`]).
 pub async fn spawn_jwt_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app(|s| {
-        s.jwt_secret = Some(SECRET.to_string());
+        s.jwt_secret = Some(SECRET.into());
         configure(s);
     })
     .await
@@ -150,7 +151,7 @@ impl TestApp {
 
     /// The store the server writes to, opened independently of it.
     pub async fn store(&self) -> Arc<dyn Store> {
-        store::connect(&self.settings.database_url)
+        store::connect(self.settings.database_url.expose())
             .await
             .expect("the test database opens")
     }

@@ -283,15 +283,9 @@ impl Database {
         Database::Sqlite(tempfile::tempdir().expect("a temporary directory for the database"))
     }
 
-    /// A fresh MySQL database on `PRESENCE_TEST_MYSQL_URL`, or None (skip) outside CI when it
-    /// is not set.
-    pub async fn mysql() -> Option<Database> {
-        match std::env::var("PRESENCE_TEST_MYSQL_URL") {
-            Ok(url) if !url.trim().is_empty() => {
-                Some(Database::MySql(MySqlDatabase::create(url).await))
-            }
-            _ => unavailable("PRESENCE_TEST_MYSQL_URL is not set"),
-        }
+    /// A fresh MySQL database on `PRESENCE_TEST_MYSQL_URL`.
+    pub async fn mysql() -> Database {
+        Database::MySql(MySqlDatabase::create(mysql_db::admin_url()).await)
     }
 
     pub fn url(&self) -> String {

@@ -1,9 +1,24 @@
 //! A MySQL database of its own for one test: created with a unique name on the server that
-//! `admin_url` points at, dropped when the value is dropped. Shared by the store suite and the
-//! fault suite (`#[path]`-included: each test binary compiles its own copy).
+//! `PRESENCE_TEST_MYSQL_URL` points at, dropped when the value is dropped. Shared by the store,
+//! fault and cluster suites (`#[path]`-included: each test binary compiles its own copy).
+//!
+//! The MySQL tests carry `#[cfg_attr(not(mysql_tests), ignore = …)]`: built without the
+//! variable (see build.rs), libtest lists them as ignored, never as passed.
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{AssertSqlSafe, Connection, Executor};
+
+/// The server the MySQL tests create their databases on. The tests are only built to run when
+/// it was set at build time; unset at run time is a failure, not a skip.
+pub fn admin_url() -> String {
+    match std::env::var("PRESENCE_TEST_MYSQL_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "the MySQL tests were built with PRESENCE_TEST_MYSQL_URL set, but it is unset now: \
+             set it again (e.g. mysql://root@127.0.0.1:3306/test)"
+        ),
+    }
+}
 
 /// A uniquely named database, dropped (best effort) when this value is, even after a failed
 /// assertion.

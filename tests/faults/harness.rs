@@ -70,10 +70,10 @@ pub fn sqlite_dir() -> (Arc<TempDir>, String) {
 pub fn test_settings(database_url: &str, configure: impl FnOnce(&mut Settings)) -> Settings {
     let mut settings = Settings::defaults();
     settings.listen = "127.0.0.1:0".parse().expect("a literal address");
-    settings.database_url = database_url.to_string();
+    settings.database_url = database_url.into();
     settings.offline_grace_ms = 0;
     settings.flush_interval_ms = 50;
-    settings.metrics_listen = String::new();
+    settings.metrics_listen = presence::settings::MetricsListen(None);
     configure(&mut settings);
     settings
 }

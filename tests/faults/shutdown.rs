@@ -87,7 +87,7 @@ async fn shutdown_under_load_ends_every_stream_with_unavailable_within_the_deadl
 
     // Written before the exit: every user offline.
     let ids: Vec<u64> = (1..=STUCK_USER).collect();
-    let store = open_store(&server.settings.database_url).await;
+    let store = open_store(server.settings.database_url.expose()).await;
     let rows = store
         .load_presence(&ids.iter().map(|&u| uid(u)).collect::<Vec<_>>())
         .await

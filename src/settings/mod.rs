@@ -1,11 +1,19 @@
-//! Every setting of the server, typed, with its default, its flag and its environment variable.
-//! The README's settings table is checked against this file by a test.
+//! Every setting of the server, typed, with its default, its flag and its environment variable;
+//! layered defaults < TOML file ([`file`]) < environment < flags, and checked as a whole by
+//! [`Settings::check`] before anything starts. The README's settings table is checked against
+//! this file by a test.
+pub mod file;
+mod secret;
+
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::auth::KeyConfig;
+pub use secret::{Secret, SecretUrl};
+
+use crate::auth::{KeyConfig, Verifier};
 use crate::engine::EngineConfig;
 use crate::grpc::RequestLimits;
 use crate::grpc::limits::RateSettings;
@@ -24,7 +32,7 @@ pub struct Settings {
 
     /// Store: sqlite://FILE (created when missing) or mysql://USER:PASS@HOST:PORT/DB.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://presence.db")]
-    pub database_url: String,
+    pub database_url: SecretUrl,
 
     /// How often changed presence rows are written to the database, in milliseconds.
     #[arg(long, env = "PRESENCE_FLUSH_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -58,7 +66,7 @@ pub struct Settings {
     /// HS256 shared secret for verifying JWTs (at least 32 bytes, not one repeated character).
     /// Unset, together with PRESENCE_JWT_PUBLIC_KEY, means development mode (loopback only).
     #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
 
     /// Path of a PEM public key (RSA for RS256, EC P-256 for ES256) for verifying JWTs.
     #[arg(long, env = "PRESENCE_JWT_PUBLIC_KEY")]
@@ -145,7 +153,7 @@ pub struct Settings {
 
     /// Redis URL: set it to run several nodes as one cluster (unset: a single node, no Redis).
     #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<SecretUrl>,
 
     /// Prefix of every Redis key and channel (several clusters or test runs can share a Redis).
     #[arg(long, env = "PRESENCE_REDIS_PREFIX", default_value = "presence")]
@@ -172,51 +180,54 @@ pub struct Settings {
         env = "PRESENCE_METRICS_LISTEN",
         default_value = "127.0.0.1:9090"
     )]
-    pub metrics_listen: String,
+    pub metrics_listen: MetricsListen,
 }
 
-/// Reads a TOML settings file and exports each of its settings as the setting's environment
-/// variable, unless that variable is already set: so the file sits between the defaults and the
-/// environment, and flags still win. Fails naming the file and the key.
-///
-/// # Safety
-/// Sets environment variables: call it before any other thread exists.
-pub unsafe fn load_config_file(path: &std::path::Path) -> Result<(), String> {
-    use clap::CommandFactory;
-    #[derive(clap::Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        settings: Settings,
+/// The metrics listener: an address, or disabled (empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Ok(MetricsListen(None));
+        }
+        raw.parse()
+            .map(|a| MetricsListen(Some(a)))
+            .map_err(|e| format!("{raw:?} is not an address like 127.0.0.1:9090: {e}"))
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("PRESENCE_CONFIG: cannot read {}: {e}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| format!("{}: not valid TOML: {e}", path.display()))?;
-    let cmd = Wrapper::command();
-    for (key, value) in table {
-        let env = cmd
-            .get_arguments()
-            .find(|a| a.get_id().as_str() == key && key != "config")
-            .and_then(|a| a.get_env())
-            .ok_or_else(|| format!("{}: unknown setting {key:?}", path.display()))?;
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => {
-                return Err(format!(
-                    "{}: setting {key:?} must be a string, integer or boolean, got {other}",
-                    path.display()
-                ));
-            }
-        };
-        if std::env::var_os(env).is_none() {
-            // SAFETY: the caller guarantees no other thread runs yet.
-            unsafe { std::env::set_var(env, value) };
+}
+
+/// A setting that cannot work, found before anything starts: `presence` exits 2 with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError(String);
+
+impl SettingsError {
+    /// `message` about `setting` (its environment variable's name), named once.
+    pub fn new(setting: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        if message.contains(setting) {
+            SettingsError(message)
+        } else {
+            SettingsError(format!("{setting}: {message}"))
         }
     }
-    Ok(())
+}
+
+impl std::fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// What [`Settings::check`] validated, typed: what the assembly starts from.
+pub struct Checked {
+    pub verifier: Verifier,
+    pub redis: Option<crate::cluster::redis::RedisConfig>,
 }
 
 impl Settings {
@@ -265,17 +276,61 @@ impl Settings {
         }
     }
 
+    /// Checks every setting that can be wrong beyond its own type: the key material (and
+    /// development mode only on loopback), the database and Redis URLs. Fails naming the setting.
+    pub fn check(&self) -> Result<Checked, SettingsError> {
+        let keys = self.keys()?;
+        let verifier =
+            Verifier::from_keys(&keys).map_err(|e| SettingsError::new("PRESENCE_JWT_SECRET", e))?;
+        if verifier.is_development() && !self.listen.ip().is_loopback() {
+            return Err(SettingsError::new(
+                "PRESENCE_LISTEN",
+                format!(
+                    "refusing to listen on {} in development mode: set PRESENCE_JWT_SECRET or PRESENCE_JWT_PUBLIC_KEY, or listen on a loopback address",
+                    self.listen
+                ),
+            ));
+        }
+        let db = self.database_url.expose();
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("mysql://")
+            || db.starts_with("mariadb://"))
+        {
+            return Err(SettingsError::new(
+                "DATABASE_URL",
+                format!(
+                    "{} is not supported: use sqlite://FILE or mysql://USER:PASS@HOST:PORT/DB",
+                    self.database_url
+                ),
+            ));
+        }
+        Ok(Checked {
+            verifier,
+            redis: self.redis()?,
+        })
+    }
+
     /// The Redis backplane's settings, or None on a single node.
-    pub fn redis(&self) -> Option<crate::cluster::redis::RedisConfig> {
-        self.redis_url
+    fn redis(&self) -> Result<Option<crate::cluster::redis::RedisConfig>, SettingsError> {
+        let Some(url) = self
+            .redis_url
             .as_ref()
-            .filter(|u| !u.trim().is_empty())
-            .map(|url| crate::cluster::redis::RedisConfig {
-                url: url.clone(),
-                prefix: self.redis_prefix.clone(),
-                lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
-                idle_ttl: Duration::from_secs(self.redis_idle_ttl_s),
-            })
+            .filter(|u| !u.expose().trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        if !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://")) {
+            return Err(SettingsError::new(
+                "REDIS_URL",
+                format!("{url} is not supported: use redis://HOST:PORT"),
+            ));
+        }
+        Ok(Some(crate::cluster::redis::RedisConfig {
+            url: url.expose().to_string(),
+            prefix: self.redis_prefix.clone(),
+            lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
+            idle_ttl: Duration::from_secs(self.redis_idle_ttl_s),
+        }))
     }
 
     pub fn request_limits(&self) -> RequestLimits {
@@ -297,15 +352,22 @@ impl Settings {
     }
 
     /// The JWT key material, reading the public key file. Fails naming the setting.
-    pub fn keys(&self) -> Result<KeyConfig, String> {
+    fn keys(&self) -> Result<KeyConfig, SettingsError> {
         let public_key_pem = match &self.jwt_public_key {
             Some(p) => Some(std::fs::read(p).map_err(|e| {
-                format!("PRESENCE_JWT_PUBLIC_KEY: cannot read {}: {e}", p.display())
+                SettingsError::new(
+                    "PRESENCE_JWT_PUBLIC_KEY",
+                    format!("cannot read {}: {e}", p.display()),
+                )
             })?),
             None => None,
         };
         Ok(KeyConfig {
-            secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            secret: self
+                .jwt_secret
+                .as_ref()
+                .map(|s| s.expose().to_string())
+                .filter(|s| !s.is_empty()),
             public_key_pem,
             issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
             audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
@@ -313,15 +375,9 @@ impl Settings {
         })
     }
 
-    /// The metrics listener, or None when disabled. Fails naming the setting.
-    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
-        let raw = self.metrics_listen.trim();
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        raw.parse().map(Some).map_err(|e| {
-            format!("PRESENCE_METRICS_LISTEN: {raw:?} is not an address like 127.0.0.1:9090: {e}")
-        })
+    /// The metrics listener, or None when disabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen.0
     }
 
     pub fn keepalive(&self) -> (Duration, Duration) {
@@ -333,5 +389,26 @@ impl Settings {
 
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_secs(self.shutdown_deadline_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_names_no_secret_and_no_password() {
+        let mut s = Settings::defaults();
+        s.jwt_secret = Some("a-very-secret-signing-key-0123456789".into());
+        s.database_url = "mysql://app:hunter2@db:3306/presence".into();
+        s.redis_url = Some("redis://:hunter3@cache:6379".into());
+        let shown = format!("{s:?}");
+        for secret in ["a-very-secret", "hunter2", "hunter3"] {
+            assert!(!shown.contains(secret), "{secret} leaks into {shown}");
+        }
+        assert!(
+            shown.contains("mysql://app:***@db:3306/presence"),
+            "{shown}"
+        );
     }
 }
