@@ -6,7 +6,7 @@ use presence::pb::contacts_client::ContactsClient;
 use presence::pb::{self, Status};
 
 use crate::clients::{
-    Device, Watcher, add_contacts, converge, service, set_status, status_of, user,
+    add_contacts, converge, device, service, set_status, status_of, user, watcher,
 };
 use crate::harness::{Cluster, WAIT, exclusive, shared_redis};
 
@@ -38,7 +38,7 @@ async fn a_contact_removal_followed_at_once_by_a_status_change_is_seen_on_every_
     let cluster = Cluster::start(&redis, 3).await;
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X)]).await;
-    let _x = Device::connect(a, X).await;
+    let _x = device(a, X).await;
     // W watches X by id from node C: as a contact now, as a stranger after the removal (X lets
     // everyone see its online status, so the stranger still sees its changes).
     let mut presence = pb::presence_client::PresenceClient::new(a.channel.clone());
@@ -52,7 +52,7 @@ async fn a_contact_removal_followed_at_once_by_a_status_change_is_seen_on_every_
         }))
         .await
         .expect("X may set its privacy");
-    let mut w = Watcher::open(c, &user(W), &[X]).await;
+    let mut w = watcher(c, &user(W), &[X]).await;
     assert_eq!(
         status_of(&w.snapshot[0]),
         Status::Online,
@@ -82,8 +82,8 @@ async fn a_contact_added_during_status_changes_gets_strictly_increasing_views() 
     let Some(redis) = shared_redis() else { return };
     let cluster = Cluster::start(&redis, 3).await;
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
-    let _x = Device::connect(a, X).await;
-    let mut w = Device::connect(c, W).await;
+    let _x = device(a, X).await;
+    let mut w = device(c, W).await;
     // X changes status as fast as it can on node A while the pair is added through node B;
     // W's inbox checks that every view of X it gets is newer than the one before.
     let changer = {

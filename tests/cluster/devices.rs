@@ -3,7 +3,7 @@
 use presence::pb::Status;
 
 use crate::clients::{
-    Device, Watcher, add_contacts, last_seen, now_ms, set_status, status_of, user,
+    add_contacts, device, last_seen, now_ms, set_status, status_of, user, watcher,
 };
 use crate::harness::{Cluster, WAIT, exclusive, shared_redis};
 
@@ -21,8 +21,8 @@ async fn devices_on_two_nodes_are_one_presence_to_a_contact_on_a_third() {
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
 
-    let mut phone = Device::connect(c, W).await;
-    let mut watch = Watcher::open(c, &user(W), &[]).await;
+    let mut phone = device(c, W).await;
+    let mut watch = watcher(c, &user(W), &[]).await;
     assert!(
         watch
             .snapshot
@@ -31,13 +31,13 @@ async fn devices_on_two_nodes_are_one_presence_to_a_contact_on_a_third() {
         "nobody is online yet: {:?}",
         watch.snapshot
     );
-    let _y = Device::connect(b, Y).await;
+    let _y = device(b, Y).await;
     for r in [&mut *phone, &mut *watch] {
         r.expect(Y, Status::Online, WAIT, "Y connected on node B")
             .await;
     }
 
-    let x_on_a = Device::connect(a, X).await;
+    let x_on_a = device(a, X).await;
     for r in [&mut *phone, &mut *watch] {
         r.expect(X, Status::Online, WAIT, "X's first device, on node A")
             .await;
@@ -46,7 +46,7 @@ async fn devices_on_two_nodes_are_one_presence_to_a_contact_on_a_third() {
     // A second device elsewhere changes nothing anyone can see. The control change arrives
     // after X's connect went through Redis (connect returns after the welcome, which follows the
     // shared transition), so an update of X would have come first.
-    let x_on_b = Device::connect(b, X).await;
+    let x_on_b = device(b, X).await;
     set_status(b, Y, Status::Away).await;
     for r in [&mut *phone, &mut *watch] {
         r.expect(Y, Status::Away, WAIT, "X's second device is no news")

@@ -3,7 +3,7 @@
 use presence::pb::Status;
 
 use crate::clients::{
-    Device, Watcher, add_contacts, converge, service, set_status, status_of, user,
+    add_contacts, converge, device, service, set_status, status_of, user, watcher,
 };
 use crate::harness::{Cluster, WAIT, exclusive, shared_redis};
 
@@ -21,15 +21,15 @@ async fn a_contact_on_another_node_gets_each_update_once_in_version_order() {
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
 
-    let mut contact = Device::connect(c, W).await;
-    let mut contacts_watch = Watcher::open(c, &user(W), &[]).await;
-    let mut service_watch = Watcher::open(b, &service(), &[X]).await;
-    let mut own = Device::connect(a, X).await;
+    let mut contact = device(c, W).await;
+    let mut contacts_watch = watcher(c, &user(W), &[]).await;
+    let mut service_watch = watcher(b, &service(), &[X]).await;
+    let mut own = device(a, X).await;
     for r in [&mut *contact, &mut *contacts_watch, &mut *service_watch] {
         r.expect(X, Status::Online, WAIT, "X connected on node A")
             .await;
     }
-    let _y = Device::connect(b, Y).await;
+    let _y = device(b, Y).await;
     contact.expect(Y, Status::Online, WAIT, "Y connected").await;
     contacts_watch
         .expect(Y, Status::Online, WAIT, "Y connected")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use presence::pb::{self, Activity, Platform, Status, presence_client::PresenceClient};
 
 use crate::clients::{
-    Device, Watcher, add_contacts, now_ms, presence_on, set_status, status_of, user,
+    add_contacts, device, device_as, now_ms, presence_on, set_status, status_of, user, watcher,
 };
 use crate::harness::{Cluster, LEASE_TTL_S, Node, WAIT, exclusive, shared_redis};
 
@@ -59,14 +59,14 @@ async fn devices_on_two_nodes_are_away_together_and_their_platforms_are_one_set(
     let cluster = Cluster::start(&redis, 3).await;
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
-    let mut watch = Watcher::open(c, &user(W), &[]).await;
+    let mut watch = watcher(c, &user(W), &[]).await;
 
-    let desktop = Device::connect_as(a, X, Platform::Desktop).await;
+    let desktop = device_as(a, X, Platform::Desktop).await;
     let first = watch
         .expect(X, Status::Online, WAIT, "X's desktop on node A")
         .await;
     assert_eq!(platforms(&first), [Platform::Desktop]);
-    let phone = Device::connect_as(b, X, Platform::Mobile).await;
+    let phone = device_as(b, X, Platform::Mobile).await;
     let both = watch
         .expect(
             X,
@@ -119,7 +119,7 @@ async fn devices_on_two_nodes_are_away_together_and_their_platforms_are_one_set(
     set_status(b, X, Status::Busy).await;
     watch.expect(X, Status::Busy, WAIT, "X chose busy").await;
     desktop.set_activity(Activity::Idle).await;
-    let _y = Device::connect(c, Y).await;
+    let _y = device(c, Y).await;
     watch
         .expect(
             Y,
@@ -137,11 +137,11 @@ async fn a_passive_device_misses_changes_made_on_another_node_and_gets_one_resyn
     let cluster = Cluster::start_with(&redis, 2, &[("PRESENCE_RATE_STATUS_PER_MIN", "100")]).await;
     let [a, b] = [cluster.node(0), cluster.node(1)];
     add_contacts(&cluster.nodes, &[(W, X)]).await;
-    let _x = Device::connect(a, X).await;
-    let mut passive = Device::connect(b, W).await;
-    let mut active = Device::connect(b, W).await;
+    let _x = device(a, X).await;
+    let mut passive = device(b, W).await;
+    let mut active = device(b, W).await;
     passive.set_activity(Activity::Background).await;
-    passive.ping(1).await;
+    passive.barrier(1).await;
     passive.drain();
 
     let mut last = None;
@@ -160,7 +160,7 @@ async fn a_passive_device_misses_changes_made_on_another_node_and_gets_one_resyn
             seen += 1;
         }
     }
-    passive.ping(2).await;
+    passive.barrier(2).await;
     let missed = passive.drain();
     assert!(
         missed.is_empty(),
@@ -168,7 +168,7 @@ async fn a_passive_device_misses_changes_made_on_another_node_and_gets_one_resyn
     );
 
     passive.set_activity(Activity::Active).await;
-    let resync = passive.expect_resync(WAIT, "the device woke").await;
+    let resync = passive.expect_resync(WAIT, "the device woke").await.users;
     let of_x: Vec<u64> = resync
         .iter()
         .filter(|p| p.user_id == X)
@@ -194,9 +194,9 @@ async fn a_node_dying_with_a_passive_device_on_it_stops_counting_that_device() {
     let Some(redis) = shared_redis() else { return };
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
-    let mut watch = Watcher::open(cluster.node(2), &user(W), &[]).await;
-    let phone = Device::connect_as(cluster.node(0), X, Platform::Mobile).await;
-    let desktop = Device::connect_as(cluster.node(1), X, Platform::Desktop).await;
+    let mut watch = watcher(cluster.node(2), &user(W), &[]).await;
+    let phone = device_as(cluster.node(0), X, Platform::Mobile).await;
+    let desktop = device_as(cluster.node(1), X, Platform::Desktop).await;
     watch.wait_for(X, Status::Online, WAIT).await;
     let two = watch.next_update_of(X, WAIT).await;
     assert_eq!(platforms(&two), [Platform::Desktop, Platform::Mobile]);
@@ -250,9 +250,9 @@ async fn a_custom_status_expires_once_after_the_node_it_was_set_on_is_killed() {
     let Some(redis) = shared_redis() else { return };
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
-    let mut on_b = Device::connect(cluster.node(1), W).await;
-    let mut on_c = Watcher::open(cluster.node(2), &user(W), &[]).await;
-    let x = Device::connect(cluster.node(0), X).await;
+    let mut on_b = device(cluster.node(1), W).await;
+    let mut on_c = watcher(cluster.node(2), &user(W), &[]).await;
+    let x = device(cluster.node(0), X).await;
     for r in [&mut *on_b, &mut *on_c] {
         r.expect(X, Status::Online, WAIT, "X connected on node A")
             .await;
@@ -302,7 +302,7 @@ async fn a_custom_status_expires_once_after_the_node_it_was_set_on_is_killed() {
         );
     }
     // Exactly once: Y's change is the next thing both see.
-    let _y = Device::connect(cluster.node(1), Y).await;
+    let _y = device(cluster.node(1), Y).await;
     for r in [&mut *on_b, &mut *on_c] {
         r.expect(Y, Status::Online, WAIT, "nothing more of X").await;
     }

@@ -10,7 +10,7 @@
 //! (`cargo test --test cluster -- --nocapture`).
 //!
 //! Every receiver checks, for the whole test, that the versions it gets of each user strictly
-//! increase (see [`clients::Inbox`]), whichever node made the change.
+//! increase (see the common `Inbox`), whichever node made the change.
 //!
 //! - `devices`: devices of one user on two nodes, seen once online and once offline;
 //! - `features`: auto-away and platforms across nodes, a passive device's resync, a node dying

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use presence::pb::Status;
 
 use crate::clients::{
-    Device, add_contacts, converge, last_seen, now_ms, presence_on, set_status, stats, status_of,
+    add_contacts, converge, device, last_seen, now_ms, presence_on, set_status, stats, status_of,
 };
 use crate::harness::{Cluster, LEASE_TTL_S, WAIT, exclusive, shared_redis};
 
@@ -22,11 +22,11 @@ async fn a_killed_node_s_users_go_offline_once_and_stay_offline_after_a_restart(
     let Some(redis) = shared_redis() else { return };
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
-    let mut contact = Device::connect(cluster.node(2), W).await;
-    let _y = Device::connect(cluster.node(1), Y).await;
+    let mut contact = device(cluster.node(2), W).await;
+    let _y = device(cluster.node(1), Y).await;
     contact.expect(Y, Status::Online, WAIT, "Y connected").await;
     let connected_at = now_ms();
-    let x = Device::connect(cluster.node(0), X).await;
+    let x = device(cluster.node(0), X).await;
     let online = contact
         .expect(X, Status::Online, WAIT, "X connected on node A")
         .await;
@@ -156,7 +156,7 @@ async fn a_killed_node_s_users_go_offline_once_and_stay_offline_after_a_restart(
         .await;
 
     // X comes back on the new node: online again, with a newer version.
-    let _x = Device::connect(cluster.node(0), X).await;
+    let _x = device(cluster.node(0), X).await;
     let back = contact
         .expect(X, Status::Online, WAIT, "X reconnected on the new node A")
         .await;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use presence::pb::Status;
 
-use crate::clients::{Device, add_contacts, converge, last_seen, now_ms, stats, status_of};
+use crate::clients::{add_contacts, converge, device, last_seen, now_ms, stats, status_of};
 use crate::harness::{Cluster, LEASE_TTL_S, WAIT, exclusive, shared_redis};
 
 const X: u64 = 1;
@@ -18,9 +18,9 @@ async fn a_node_paused_past_its_lease_comes_back_and_the_cluster_converges() {
     let cluster = Cluster::start(&redis, 3).await;
     let [a, c] = [cluster.node(0), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X)]).await;
-    let mut contact = Device::connect(c, W).await;
+    let mut contact = device(c, W).await;
     let connected_at = now_ms();
-    let mut x = Device::connect(a, X).await;
+    let mut x = device(a, X).await;
     let online = contact
         .expect(X, Status::Online, WAIT, "X connected on node A")
         .await;
@@ -85,7 +85,7 @@ async fn a_node_paused_past_its_lease_comes_back_and_the_cluster_converges() {
     );
 
     // X's device saw its own presence follow the cluster's; its stream still works.
-    x.ping(1).await;
+    x.barrier(1).await;
     let own = x.wait_for(X, Status::Online, WAIT).await;
     assert_eq!(own.version, back.version, "X's device converged too");
     let s = stats(a).await;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use presence::pb::Status;
 
-use crate::clients::{Watcher, connect_many, service, status_of};
+use crate::clients::{Watcher, connect_many, service, status_of, watcher};
 use crate::harness::{Cluster, LEASE_TTL_S, Node, WAIT, exclusive, shared_redis};
 
 const USERS: u64 = 10_000;
@@ -20,7 +20,7 @@ fn ids() -> Vec<u64> {
 async fn watchers_of(node: &Node, ids: &[u64]) -> Vec<Watcher> {
     let mut watchers = Vec::new();
     for chunk in ids.chunks(1000) {
-        watchers.push(Watcher::open(node, &service(), chunk).await);
+        watchers.push(watcher(node, &service(), chunk).await);
     }
     watchers
 }

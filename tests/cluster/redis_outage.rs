@@ -10,7 +10,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::clients::free_port;
 use crate::clients::{
-    Device, add_contacts, converge, metric, presence_on, set_status, status_of, wait_for_health,
+    add_contacts, converge, device, metric, presence_on, set_status, status_of, wait_for_health,
     wait_for_metric,
 };
 use crate::harness::{Cluster, OwnRedis, WAIT, exclusive};
@@ -42,10 +42,10 @@ async fn a_redis_outage_keeps_streams_and_local_fan_out_and_the_nodes_converge_a
     wait_for_health(&cluster.nodes, CLUSTER_HEALTH, ServingStatus::Serving, WAIT).await;
     wait_for_metric(&metrics_addr, "presence_redis_up", 1.0, WAIT).await;
 
-    let mut y = Device::connect(a, Y).await;
-    let mut x = Device::connect(a, X).await;
+    let mut y = device(a, Y).await;
+    let mut x = device(a, X).await;
     y.expect(X, Status::Online, WAIT, "X connected").await;
-    let mut w = Device::connect(b, W).await;
+    let mut w = device(b, W).await;
     x.wait_for(W, Status::Online, WAIT).await;
     assert_eq!(
         status_of(&w.contact(X)),
@@ -68,9 +68,9 @@ async fn a_redis_outage_keeps_streams_and_local_fan_out_and_the_nodes_converge_a
     wait_for_metric(&metrics_addr, "presence_redis_up", 0.0, WAIT).await;
 
     // Streams opened before the outage are still there, end to end.
-    x.ping(1).await;
-    y.ping(2).await;
-    w.ping(3).await;
+    x.barrier(1).await;
+    y.barrier(2).await;
+    w.barrier(3).await;
 
     // Local fan-out on node A goes on without Redis.
     let busy = set_status(a, X, Status::Busy).await;
@@ -158,8 +158,8 @@ async fn a_node_that_resubscribes_late_after_a_redis_outage_still_learns_what_it
     cluster.nodes.push(b);
     let [a, b] = [cluster.node(0), cluster.node(1)];
     add_contacts(&cluster.nodes, &[(X, W)]).await;
-    let _x = Device::connect(a, X).await;
-    let mut w = Device::connect(b, W).await;
+    let _x = device(a, X).await;
+    let mut w = device(b, W).await;
     assert_eq!(status_of(&w.contact(X)), Status::Online, "W sees X online");
 
     redis.stop();
@@ -205,7 +205,7 @@ async fn a_status_change_just_after_redis_returns_keeps_a_connected_user_online(
     let a = cluster.spawn(0, &[LONG_LEASE]).await;
     cluster.nodes.push(a);
     let a = cluster.node(0);
-    let _x = Device::connect(a, X).await;
+    let _x = device(a, X).await;
 
     redis.stop();
     redis.restart().await;
@@ -271,13 +271,11 @@ async fn changes_made_on_different_nodes_during_an_outage_are_reconciled_everywh
     // X's device is on B (closed during the outage), Y connects on A during the outage, Z is on
     // A and changes status through C during the outage.
     const Z: u64 = 4;
-    let x = Device::connect(b, X).await;
-    let _z = Device::connect(a, Z).await;
+    let x = device(b, X).await;
+    let _z = device(a, Z).await;
     let mut watchers = Vec::new();
     for node in [a, b, c] {
-        watchers.push(
-            crate::clients::Watcher::open(node, &crate::clients::service(), &[X, Y, Z]).await,
-        );
+        watchers.push(crate::clients::watcher(node, &crate::clients::service(), &[X, Y, Z]).await);
     }
     converge(&cluster.nodes, &[X, Y, Z], WAIT, |p| {
         p.iter().map(status_of).collect::<Vec<_>>()
@@ -294,7 +292,7 @@ async fn changes_made_on_different_nodes_during_an_outage_are_reconciled_everywh
     )
     .await;
     drop(x);
-    let _y = Device::connect(a, Y).await;
+    let _y = device(a, Y).await;
     set_status(c, Z, Status::Busy).await;
 
     redis.restart().await;

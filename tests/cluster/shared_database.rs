@@ -3,7 +3,7 @@
 //! a node killed while others run is recovered for its own users only.
 use presence::pb::Status;
 
-use crate::clients::{Device, add_contacts, converge, presence_on, set_status, status_of};
+use crate::clients::{add_contacts, converge, device, presence_on, set_status, status_of};
 use crate::harness::{Cluster, Database, WAIT, exclusive, shared_redis};
 
 const X: u64 = 1;
@@ -22,7 +22,7 @@ async fn nodes_starting_and_stopping_in_turn_on_one_database_touch_nobody_elses_
     let database = Database::mysql().await;
     let mut cluster = Cluster::start_on(database, &redis, 1, &[]).await;
     add_contacts(&cluster.nodes, &[(W, X)]).await;
-    let _x = Device::connect(cluster.node(0), X).await;
+    let _x = device(cluster.node(0), X).await;
     let (before, _) = converge(&cluster.nodes, &[X], WAIT, |p| {
         status_of(&p[0]) == Status::Online
     })
@@ -53,7 +53,7 @@ async fn nodes_starting_and_stopping_in_turn_on_one_database_touch_nobody_elses_
     );
 
     // A contact on node C sees X's changes made on node A, each exactly one version up.
-    let mut w = Device::connect(cluster.node(1), W).await;
+    let mut w = device(cluster.node(1), W).await;
     assert_eq!(status_of(&w.contact(X)), Status::Online);
     let busy = set_status(cluster.node(0), X, Status::Busy).await;
     assert_eq!(
@@ -76,9 +76,9 @@ async fn a_node_killed_while_others_run_is_recovered_for_its_own_users_only() {
     let database = Database::mysql().await;
     let mut cluster = Cluster::start_on(database, &redis, 3, &[]).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
-    let _x = Device::connect(cluster.node(0), X).await;
-    let _y = Device::connect(cluster.node(1), Y).await;
-    let mut w = Device::connect(cluster.node(2), W).await;
+    let _x = device(cluster.node(0), X).await;
+    let _y = device(cluster.node(1), Y).await;
+    let mut w = device(cluster.node(2), W).await;
     let y_before = presence_on(cluster.node(2), &[Y]).await.remove(0);
 
     cluster.nodes[0].kill9();

@@ -1,9 +1,11 @@
 //! Test clients of the two streaming RPCs: a device (Authenticate) and a watcher
-//! (WatchContacts), each with an inbox that waits for what a test expects, with a timeout.
-//! Shared by the API and fault suites (`#[path]`-included next to `calls.rs`). The cluster
-//! suite has its own inbox, which also checks versions across nodes.
+//! (WatchContacts), each with an inbox that waits for what a test expects, with a timeout, and
+//! checks, for the whole test, that the versions it gets of each user strictly increase
+//! (whichever node made the change). Shared by every suite (`#[path]`-included next to
+//! `calls.rs`).
 #![allow(dead_code)]
 
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -12,10 +14,11 @@ use presence::pb::{
     self, presence_client::PresenceClient, server_message, watch_contacts_response,
 };
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::calls::{Caller, WAIT, hello, ping};
+use super::calls::{Caller, WAIT, activity, hello, ping};
 
 /// What a stream delivered after its welcome or snapshot.
 #[derive(Debug)]
@@ -30,38 +33,164 @@ pub enum Incoming {
 
 type IncomingStream = Pin<Box<dyn Stream<Item = Result<Incoming, tonic::Status>> + Send>>;
 
+fn status_of(p: &pb::UserPresence) -> pb::Status {
+    pb::Status::try_from(p.status).unwrap_or(pb::Status::Unspecified)
+}
+
 /// The receiving end of a device or a watcher.
 pub struct Inbox {
     /// Names the receiver in failure messages.
     name: String,
     stream: IncomingStream,
+    /// Updates read while waiting for something else (a pong), not yet taken.
+    backlog: VecDeque<pb::UserPresence>,
+    /// The newest version this receiver has of each user, from its welcome or snapshot on.
+    versions: HashMap<u64, u64>,
+    /// Every update received, in order, for failure messages: (user, status, version).
+    history: Vec<(u64, pb::Status, u64)>,
 }
 
 impl Inbox {
-    /// The next presence update, within [`WAIT`]. Panics on anything else.
+    fn new(name: String, stream: IncomingStream, initial: &[pb::UserPresence]) -> Inbox {
+        Inbox {
+            name,
+            stream,
+            backlog: VecDeque::new(),
+            versions: initial.iter().map(|p| (p.user_id, p.version)).collect(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Renames the receiver in failure messages (a node's name, say).
+    pub fn rename(&mut self, name: impl Into<String>) {
+        self.name = name.into();
+    }
+
+    /// Records an update after checking it is newer than anything this receiver had of that
+    /// user. A version 0 is the never-seen shape (a viewer denied everything) and is exempt.
+    fn check(&mut self, p: &pb::UserPresence) {
+        let before = self.versions.get(&p.user_id).copied();
+        assert!(
+            p.version == 0 || before.is_none_or(|v| p.version > v),
+            "{}: versions of user {} must strictly increase, got {} after {:?}; received so far (user, status, version): {:?}",
+            self.name,
+            p.user_id,
+            p.version,
+            before,
+            self.history
+        );
+        self.versions.insert(p.user_id, p.version);
+        self.history.push((p.user_id, status_of(p), p.version));
+    }
+
+    /// The next item of the stream before `deadline` (Err: the deadline passed), checked.
+    async fn read(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<Result<Incoming, tonic::Status>>, ()> {
+        let item = tokio::time::timeout_at(deadline, self.stream.next())
+            .await
+            .map_err(|_| ())?;
+        match &item {
+            Some(Ok(Incoming::Presence(p))) => self.check(&p.clone()),
+            Some(Ok(Incoming::Resync(r))) => {
+                for p in r.users.clone() {
+                    self.check(&p);
+                }
+            }
+            _ => {}
+        }
+        Ok(item)
+    }
+
+    /// The next message before `deadline`, whatever it is (updates kept aside are not in it).
+    async fn next_message(&mut self, deadline: Instant, what: &str) -> Incoming {
+        match self.read(deadline).await {
+            Err(()) => panic!(
+                "{}: nothing arrived while waiting for {what}; received so far (user, status, version): {:?}",
+                self.name, self.history
+            ),
+            Ok(Some(Ok(incoming))) => incoming,
+            Ok(Some(Err(status))) => {
+                panic!(
+                    "{}: the stream failed while waiting for {what}: {status:?}",
+                    self.name
+                )
+            }
+            Ok(None) => panic!("{}: the stream ended while waiting for {what}", self.name),
+        }
+    }
+
+    /// The next presence update, within [`WAIT`]. Panics on anything else (pongs are skipped).
     pub async fn next_update(&mut self) -> pb::UserPresence {
         self.next_update_within(WAIT).await
     }
 
-    /// The next presence update, within `within`. Panics on anything else.
+    /// The next presence update, within `within`. Panics on anything else (pongs are skipped).
     pub async fn next_update_within(&mut self, within: Duration) -> pb::UserPresence {
-        match tokio::time::timeout(within, self.stream.next()).await {
-            Err(_) => panic!("{}: no update within {within:?}", self.name),
-            Ok(Some(Ok(Incoming::Presence(p)))) => p,
-            Ok(Some(Ok(Incoming::Other(what)))) => {
-                panic!("{}: expected an update, got {what}", self.name)
+        if let Some(p) = self.backlog.pop_front() {
+            return p;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            match self.next_message(deadline, "an update").await {
+                Incoming::Presence(p) => return p,
+                Incoming::Pong(_) => continue,
+                other => panic!("{}: expected an update, got {other:?}", self.name),
             }
-            Ok(other) => panic!("{}: expected an update, got {other:?}", self.name),
         }
     }
 
     /// The next update of `user`, skipping other users' updates, within `within`.
     pub async fn next_update_of(&mut self, user: u64, within: Duration) -> pb::UserPresence {
-        let deadline = tokio::time::Instant::now() + within;
+        let deadline = Instant::now() + within;
         loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             let p = self.next_update_within(left).await;
             if p.user_id == user {
+                return p;
+            }
+        }
+    }
+
+    /// Asserts that the very next update is `user` at `status`, within `within`: nothing else
+    /// (no other user's update, no repeat) comes first.
+    pub async fn expect(
+        &mut self,
+        user: u64,
+        status: pb::Status,
+        within: Duration,
+        why: &str,
+    ) -> pb::UserPresence {
+        let p = self.next_update_within(within).await;
+        assert_eq!(
+            (p.user_id, status_of(&p)),
+            (user, status),
+            "{}: the next update must be user {user} {status:?} ({why}); got {p:?}; received so far: {:?}",
+            self.name,
+            self.history
+        );
+        p
+    }
+
+    /// Takes updates of `user` until one has `status`, within `within`.
+    pub async fn wait_for(
+        &mut self,
+        user: u64,
+        status: pb::Status,
+        within: Duration,
+    ) -> pb::UserPresence {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "{}: user {user} did not become {status:?} within {within:?}; received so far: {:?}",
+                    self.name, self.history
+                );
+            }
+            let p = self.next_update_of(user, left).await;
+            if status_of(&p) == status {
                 return p;
             }
         }
@@ -85,27 +214,63 @@ impl Inbox {
 
     /// The next message, within `within`, whatever it is.
     pub async fn next_incoming(&mut self, within: Duration) -> Incoming {
-        match tokio::time::timeout(within, self.stream.next()).await {
-            Err(_) => panic!("{}: nothing within {within:?}", self.name),
-            Ok(Some(Ok(incoming))) => incoming,
-            Ok(other) => panic!("{}: expected a message, got {other:?}", self.name),
+        if let Some(p) = self.backlog.pop_front() {
+            return Incoming::Presence(p);
+        }
+        self.next_message(Instant::now() + within, "a message")
+            .await
+    }
+
+    /// The resync a device gets when it wakes (its pages merged), which must be the next
+    /// message, within `within`.
+    pub async fn expect_resync(&mut self, within: Duration, why: &str) -> pb::Resync {
+        assert!(
+            self.backlog.is_empty(),
+            "{}: updates came before the resync ({why}): {:?}",
+            self.name,
+            self.backlog
+        );
+        let deadline = Instant::now() + within;
+        let mut whole = pb::Resync::default();
+        loop {
+            match self.next_message(deadline, "a resync").await {
+                Incoming::Resync(page) => {
+                    whole.users.extend(page.users);
+                    if page.last_page {
+                        whole.last_page = true;
+                        return whole;
+                    }
+                }
+                other => panic!("{}: expected a resync ({why}), got {other:?}", self.name),
+            }
         }
     }
 
-    /// Asserts that nothing arrives within `within`.
+    /// Asserts that nothing arrives within `within`. Prefer a barrier (a device's ping, or a
+    /// control change the receiver must see next) where there is one: it is exact.
     pub async fn expect_nothing(&mut self, within: Duration, why: &str) {
-        if let Ok(item) = tokio::time::timeout(within, self.stream.next()).await {
+        assert!(
+            self.backlog.is_empty(),
+            "{}: expected nothing ({why}), got {:?}",
+            self.name,
+            self.backlog
+        );
+        if let Ok(item) = self.read(Instant::now() + within).await {
             panic!("{}: expected nothing ({why}), got {item:?}", self.name);
         }
     }
 
-    /// Everything that arrived so far without waiting (updates only; panics on an end).
+    /// Every update that arrived so far, without waiting (pongs skipped). Stops quietly at the
+    /// end of the stream (a node that was killed).
     pub fn drain(&mut self) -> Vec<pb::UserPresence> {
-        let mut out = Vec::new();
-        while let Some(item) = futures::FutureExt::now_or_never(self.stream.next()) {
+        let mut out: Vec<pb::UserPresence> = self.backlog.drain(..).collect();
+        while let Some(Ok(item)) =
+            futures::FutureExt::now_or_never(self.read(Instant::now() + WAIT))
+        {
             match item {
                 Some(Ok(Incoming::Presence(p))) => out.push(p),
                 Some(Ok(Incoming::Pong(_))) => {}
+                None | Some(Err(_)) => break,
                 other => panic!("{}: expected updates, got {other:?}", self.name),
             }
         }
@@ -115,10 +280,10 @@ impl Inbox {
     /// Skips updates until the stream ends; returns the status it ended with (None for a
     /// clean end). Panics if it does not end within `within`.
     pub async fn ended_within(&mut self, within: Duration) -> Option<tonic::Status> {
-        let deadline = tokio::time::Instant::now() + within;
+        let deadline = Instant::now() + within;
         loop {
-            match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => panic!("{}: the stream did not end within {within:?}", self.name),
+            match self.read(deadline).await {
+                Err(()) => panic!("{}: the stream did not end within {within:?}", self.name),
                 Ok(None) => return None,
                 Ok(Some(Err(status))) => return Some(status),
                 Ok(Some(Ok(_))) => continue,
@@ -209,6 +374,8 @@ impl Device {
             .as_ref()
             .map(|p| p.user_id)
             .unwrap_or_default();
+        let mut initial = welcome.contacts.clone();
+        initial.extend(welcome.self_.clone());
         let stream = stream.map(|m| {
             m.map(|m| match m.kind {
                 Some(server_message::Kind::PresenceUpdated(p)) => Incoming::Presence(p),
@@ -220,11 +387,18 @@ impl Device {
         Ok(Device {
             welcome,
             tx,
-            inbox: Inbox {
-                name: format!("device of user {user}"),
-                stream: Box::pin(stream),
-            },
+            inbox: Inbox::new(format!("device of user {user}"), Box::pin(stream), &initial),
         })
+    }
+
+    /// The welcome's view of contact `id`.
+    pub fn contact(&self, id: u64) -> pb::UserPresence {
+        self.welcome
+            .contacts
+            .iter()
+            .find(|c| c.user_id == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("user {id} is in the welcome's contacts"))
     }
 
     /// The device's own presence, as the welcome gave it.
@@ -255,13 +429,34 @@ impl Device {
         }
     }
 
-    /// Sends a ping and waits for its pong. Panics if an update comes first.
+    /// Sends a ping and waits for its pong. Panics if anything else comes first.
     pub async fn ping(&mut self, nonce: u64) {
         self.send(ping(nonce)).await;
-        match tokio::time::timeout(WAIT, self.inbox.stream.next()).await {
-            Ok(Some(Ok(Incoming::Pong(n)))) => assert_eq!(n, nonce, "the pong echoes the nonce"),
+        match self.inbox.next_incoming(WAIT).await {
+            Incoming::Pong(n) => assert_eq!(n, nonce, "the pong echoes the nonce"),
             other => panic!("{}: expected a pong, got {other:?}", self.inbox.name),
         }
+    }
+
+    /// Sends a ping and waits for its pong, keeping the updates that come first for the next
+    /// `next_update`: proof the stream is alive end to end, and that everything the server
+    /// queued before the ping has arrived.
+    pub async fn barrier(&mut self, nonce: u64) {
+        self.send(ping(nonce)).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.inbox.next_message(deadline, "a pong").await {
+                Incoming::Pong(n) if n == nonce => return,
+                Incoming::Pong(_) => {}
+                Incoming::Presence(p) => self.inbox.backlog.push_back(p),
+                other => panic!("{}: expected a pong, got {other:?}", self.inbox.name),
+            }
+        }
+    }
+
+    /// Tells the server this device is now active, idle or in the background.
+    pub async fn set_activity(&self, a: pb::Activity) {
+        self.send(activity(a)).await;
     }
 
     /// Closes the device: the stream is dropped, as when an app is closed.
@@ -328,13 +523,8 @@ impl Watcher {
                 other => Incoming::Other(format!("{other:?}")),
             })
         });
-        Ok(Watcher {
-            snapshot,
-            inbox: Inbox {
-                name: format!("watcher {caller:?}"),
-                stream: Box::pin(stream),
-            },
-        })
+        let inbox = Inbox::new(format!("watcher {caller:?}"), Box::pin(stream), &snapshot);
+        Ok(Watcher { snapshot, inbox })
     }
 }
 
