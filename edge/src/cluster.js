@@ -26,6 +26,36 @@ const STATS_TIMEOUT_MS = 1000;
 const STOP_TIMEOUT_MS = 10000;
 const RESTART_DELAY_MS = Object.freeze({ initial: 500, max: 30000 });
 
+/**
+ * @socket.io/sticky reads the first bytes of a connection and hands the connection (its handle) to
+ * a worker, but does not stop reading first: what the client sends next, while the hand-over is
+ * under way, is read by the primary and dropped (Node detaches a handle it sends from the
+ * socket, and drops what that handle still reads until the send completes). A WebSocket client
+ * answers the worker's engine.io OPEN at once, so its socket.io CONNECT was lost now and then
+ * (about one connection in a hundred, sequentially, here) and the client hung. Runs after
+ * sticky's own listener: the first chunk is passed to sticky with the socket no longer reading,
+ * so the next bytes wait in the kernel for the worker. A request that may have a body is left
+ * alone: sticky relays those chunk by chunk (HTTP long-polling POSTs).
+ */
+function stopReadingBeforeHandOver(socket) {
+  // A connection reset while the primary holds it is not worth a crash.
+  socket.on('error', () => socket.destroy());
+  const handOver = socket.listeners('data')[0];
+  if (!handOver) return;
+  socket.removeListener('data', handOver);
+  socket.once('data', function first(chunk) {
+    const end = chunk.indexOf('\r\n\r\n');
+    const head = chunk.subarray(0, end).toString().toLowerCase();
+    const mayHaveBody = head.includes('content-length:') || head.includes('transfer-encoding:');
+    if (mayHaveBody) socket.on('data', handOver);
+    else if (socket._handle && typeof socket._handle.readStop === 'function') {
+      socket._handle.reading = false;
+      socket._handle.readStop();
+    }
+    handOver.call(this, chunk);
+  });
+}
+
 /** The workers' node flags: the primary's, plus the young generation size unless already given. */
 function workerExecArgv(semiSpaceMb) {
   const given = [...process.execArgv, process.env.NODE_OPTIONS || ''].some((a) => a.includes('--max-semi-space-size'));
@@ -56,8 +86,7 @@ async function runPrimary(settings) {
   const { log, workers: count, port, bind } = settings;
   const server = net.createServer();
   setupPrimary(server, { loadBalancingMethod: 'round-robin' });
-  // A connection reset while the primary holds it (before the hand-over) is not worth a crash.
-  server.on('connection', (socket) => socket.on('error', () => socket.destroy()));
+  server.on('connection', stopReadingBeforeHandOver);
   let stopping = false;
   let starting = true;
   let crashes = 0;

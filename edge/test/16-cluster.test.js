@@ -10,6 +10,7 @@ const fs = require('node:fs');
 const { startPresenceServer, serviceClients } = require('./helpers/presence-server');
 const { runIndex, listeningPort, stopIndex } = require('./helpers/edge-process');
 const { connect, eventually } = require('./helpers/clients');
+const { rawConnect } = require('./helpers/raw-ws');
 
 const A = 1601; // contact of B and C
 const B = 1602;
@@ -86,6 +87,12 @@ test('two workers behind one port: sticky polling, presence across workers, one 
   assert.equal(polls, 'polling', 'A never upgraded');
   assert.equal(b.socket.io.engine.transport.name, 'websocket', 'B upgraded');
   assert.deepEqual([...a.received('presence_error'), ...b.received('presence_error'), ...c.received('presence_error')], []);
+});
+
+test('hundreds of WebSocket sockets connect one after the other, none lost in the hand-over to a worker', async () => {
+  // Each client answers the worker's engine.io OPEN at once; the primary must not read (and lose)
+  // that answer while it hands the connection over.
+  for (let i = 0; i < 300; i += 1) (await rawConnect(url)).destroy();
 });
 
 test('a killed worker is replaced; the other worker\'s sockets are untouched', async (t) => {
