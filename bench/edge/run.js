@@ -18,11 +18,13 @@ const { setupPresence } = require('./load/setup-presence');
 const { formatTable } = require('./load/report');
 const { machineTicks, ticksPerSecond } = require('./lib/procstat');
 
-const EDGE_DIR = path.resolve(__dirname, '..', '..', 'edge');
+const DEFAULT_EDGE_DIR = path.resolve(__dirname, '..', '..', 'edge');
 
 const USAGE = `usage: node bench/edge/run.js [options]
   --targets LIST         seed,edge (default: both; edge needs --presence-bin)
   --presence-bin PATH    the presence binary (a release build for real figures)
+  --edge-dir DIR         the edge to run (default: this checkout's edge/); another version, e.g.
+                         git archive REV edge proto | tar -x -C /tmp/edge-REV; (cd /tmp/edge-REV/edge && npm ci)
   --users N --contacts K --rates R1,R2 --duration S --warmup S --drain S --workers W --client KIND
   --busy-above CORES --retry-busy N
                          passed to the generator (defaults 10000, 20, 500,2000,4000, 15, 3, 10, auto, lean,
@@ -43,6 +45,7 @@ function parseCli(argv) {
     options: {
       targets: { type: 'string' },
       'presence-bin': { type: 'string' },
+      'edge-dir': { type: 'string', default: DEFAULT_EDGE_DIR },
       users: { type: 'string', default: '10000' },
       contacts: { type: 'string', default: '20' },
       rates: { type: 'string', default: '500,2000,4000' },
@@ -253,7 +256,8 @@ async function runSeed(cfg, dir) {
 
 async function runEdge(cfg, dir) {
   const bin = path.resolve(cfg['presence-bin']);
-  if (!fs.existsSync(path.join(EDGE_DIR, 'node_modules'))) fail(`run npm ci in ${EDGE_DIR} first`);
+  const edgeDir = path.resolve(cfg['edge-dir']);
+  if (!fs.existsSync(path.join(edgeDir, 'node_modules'))) fail(`run npm ci in ${edgeDir} first`);
   const before = await waitQuietMachine(cfg);
   const presenceEnv = {
     PRESENCE_LISTEN: '127.0.0.1:0',
@@ -276,7 +280,7 @@ async function runEdge(cfg, dir) {
     const target = presence.match[1];
     const r = await setupPresence({ target, users: Number(cfg.users), contacts: Number(cfg.contacts) });
     log(`presence: ${target}: ${r.pairs} pairs through AddContacts (${r.contactsPerUser} contacts per user)`);
-    edge = await startProcess('edge', process.execPath, [path.join(EDGE_DIR, 'src', 'index.js')], {
+    edge = await startProcess('edge', process.execPath, [path.join(edgeDir, 'src', 'index.js')], {
       env: {
         EDGE_IDENTITY: 'trust-client',
         EDGE_PORT: '0',
@@ -285,7 +289,7 @@ async function runEdge(cfg, dir) {
         EDGE_LOG_LEVEL: 'warn',
         ...cfg.edgeEnv,
       },
-      cwd: EDGE_DIR,
+      cwd: edgeDir,
       ready: /edge listening on (\d+)/,
       logDir: dir,
     });
@@ -295,7 +299,15 @@ async function runEdge(cfg, dir) {
       pids: { edge: edge.child.pid, presence: presence.child.pid },
       jsonFile: path.join(dir, 'edge.json'),
     });
-    return { ...result, machineBefore: before, presenceBin: bin, presenceEnv, edgeEnv: cfg.edgeEnv };
+    if (result.phases.some((p) => p.delivered === 0)) {
+      // Nothing delivered is a broken setup (an edge and a service that do not speak the same
+      // API, say), not a slow one: show why.
+      for (const name of ['edge', 'presence']) {
+        const lines = fs.readFileSync(path.join(dir, `${name}.log`), 'utf8').trim().split('\n');
+        log(`nothing delivered; the end of the ${name} log:\n${lines.slice(-5).join('\n')}`);
+      }
+    }
+    return { ...result, machineBefore: before, presenceBin: bin, presenceEnv, edgeDir, edgeEnv: cfg.edgeEnv };
   } finally {
     if (edge) await stopProcess(edge.child);
     await stopProcess(presence.child);
@@ -349,7 +361,7 @@ async function main() {
         `${r.label}: connected ${r.connect.sockets} sockets in ${r.connect.seconds.toFixed(1)} s (${r.connect.failed} failed), ` +
           `quiet after ${r.connect.settleSeconds.toFixed(1)} s; idle RSS ${idle}; machine busy before start ${r.machineBefore.toFixed(2)} cores`,
       );
-      if (r.presenceBin) out.push(`  presence binary: ${r.presenceBin}`);
+      if (r.presenceBin) out.push(`  presence binary: ${r.presenceBin}; edge: ${r.edgeDir}`);
     }
     const edge = results.find((r) => r.presenceBin);
     if (edge) out.push(`bars (edge):\n${bars(edge)}`);

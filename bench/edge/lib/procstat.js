@@ -62,10 +62,23 @@ function childPids(pid) {
   return out;
 }
 
+/** A process and all its descendants (the edge runs cluster workers under its primary). */
+function processTree(pid) {
+  const out = [];
+  const stack = [pid];
+  while (stack.length) {
+    const p = stack.pop();
+    out.push(p);
+    stack.push(...childPids(p));
+  }
+  return out;
+}
+
 /**
  * Samples named groups of processes every `intervalMs`: CPU ticks at any moment (for windows),
  * the highest RSS seen per group since the last `resetPeaks()`, and the machine's busy ticks.
- * groups: { name: [pid, ...] } (a group's figures are the sum over its processes).
+ * groups: { name: [pid, ...] }; a group's figures are the sum over its processes and all their
+ * descendants, each counted once (a child that exits takes its CPU ticks with it).
  */
 class Sampler {
   constructor(groups, intervalMs = 500) {
@@ -83,7 +96,7 @@ class Sampler {
       let cpuTicks = 0;
       let rssKb = 0;
       let alive = 0;
-      for (const pid of pids) {
+      for (const pid of new Set(pids.flatMap(processTree))) {
         const p = readProcess(pid);
         if (!p) continue;
         alive += 1;
@@ -141,4 +154,4 @@ function cpuBetween(a, b) {
   };
 }
 
-module.exports = { readProcess, machineTicks, childPids, Sampler, cpuBetween, ticksPerSecond };
+module.exports = { readProcess, machineTicks, childPids, processTree, Sampler, cpuBetween, ticksPerSecond };
