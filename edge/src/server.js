@@ -198,6 +198,7 @@ async function startEdge(options = {}) {
       emitted: counters.emitted,
       dropped: counters.dropped,
       rss: process.memoryUsage.rss(),
+      heap_used: process.memoryUsage().heapUsed,
     };
   };
 

@@ -71,10 +71,10 @@ test('two workers behind one port: sticky polling, presence across workers, one 
   assert.ok(workers.every((w) => w.sockets >= 1), `both workers hold sockets: ${workers.map((w) => w.sockets)}`);
   assert.ok(workers.every((w) => w.relay.streams === 1 && w.relay.opened === 1));
   assert.ok(h.rss > 0);
-  // Workers run with a smaller young generation (EDGE_WORKER_SEMI_SPACE_MB, default 8).
+  // Workers run with a smaller young generation (EDGE_WORKER_SEMI_SPACE_MB, default 4).
   for (const w of workers) {
     const cmdline = fs.readFileSync(`/proc/${w.pid}/cmdline`, 'utf8').split('\0');
-    assert.ok(cmdline.includes('--max-semi-space-size=8'), cmdline.join(' '));
+    assert.ok(cmdline.includes('--max-semi-space-size=4'), cmdline.join(' '));
   }
 
   // Both ways, whichever worker each socket is on; the polling socket sends with POSTs.
