@@ -22,6 +22,7 @@ const cluster = require('node:cluster');
 const net = require('node:net');
 const v8 = require('node:v8');
 const { setupPrimary, setupWorker } = require('@socket.io/sticky');
+const { healthOf } = require('./health');
 
 const STATS_TIMEOUT_MS = 1000;
 const STOP_TIMEOUT_MS = 10000;
@@ -63,22 +64,6 @@ function workerExecArgv(semiSpaceMb) {
   return semiSpaceMb && !given ? [...process.execArgv, `--max-semi-space-size=${semiSpaceMb}`] : process.execArgv;
 }
 
-/** Sums the workers' stats() for /healthz. */
-function aggregate(list, primary) {
-  const live = list.filter(Boolean);
-  const sum = (f) => live.reduce((n, s) => n + (f(s) || 0), 0);
-  return {
-    workers: list.length,
-    sockets: sum((s) => s.sockets),
-    sessions: sum((s) => s.sessions),
-    ready: sum((s) => s.ready),
-    relay_streams: sum((s) => s.relay.streams),
-    emitted: sum((s) => s.emitted),
-    rss: primary.rss + sum((s) => s.rss),
-    processes: [{ pid: process.pid, role: 'primary', ...primary }, ...list.map((s) => s || { state: 'no answer' })],
-  };
-}
-
 /**
  * The primary: forks `settings.workers` workers, listens once they are all up, prints
  * `edge listening on PORT` (stdout) and supervises them. Resolves once listening.
@@ -116,7 +101,7 @@ async function runPrimary(settings) {
         clearTimeout(timer);
         gathers.delete(id);
         const { rss, heapUsed } = process.memoryUsage();
-        resolve(aggregate(workers.map((w) => replies.get(w.id) || null), { rss, heap_used: heapUsed }));
+        resolve(healthOf(workers.map((w) => replies.get(w.id) || null), { rss, heap_used: heapUsed }));
       };
       const timer = setTimeout(finish, STATS_TIMEOUT_MS);
       gathers.set(id, (worker, stats) => {
@@ -273,4 +258,4 @@ async function runWorker(settings, startEdge) {
   return edge;
 }
 
-module.exports = { runPrimary, runWorker, aggregate };
+module.exports = { runPrimary, runWorker };

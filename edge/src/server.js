@@ -16,6 +16,7 @@ const { SocketBinding, presenceView, ERROR_EVENT, DEFAULT_STATUS_RATE, DEFAULT_C
 const { createLogger } = require('./log');
 const { IDENTITY_MODES, SettingsError, checkOptions, describe } = require('./settings');
 const { createDemoHandler } = require('./demo');
+const { healthOf } = require('./health');
 const { parseUserId, decodeJwtPayload } = require('./convert');
 
 /** A user JWT as a browser may present it: three base64url segments, at most 8 KiB. */
@@ -203,7 +204,7 @@ async function startEdge(options = {}) {
   };
 
   handle = createHttpHandler({
-    health: cluster ? cluster.health : () => ({ workers: 1, ...stats() }),
+    health: cluster ? cluster.health : () => healthOf([stats()]),
     demo: demo ? createDemoHandler() : null,
     log,
   });
