@@ -35,6 +35,9 @@ const DEFAULT_COMMAND_RATE = Object.freeze({ burst: 20, refillMs: 250 });
 const MAX_RELAY_BACKLOG = 20000;
 // The service's rate-limit refusals of activity changes are reported at most this often.
 const LIMIT_REPORT_MS = 60000;
+// Far above what the service answers (PRESENCE_MAX_IDS, default 1,000: it refuses more, naming
+// the setting); the edge only stops a browser from making it carry megabytes.
+const MAX_GET_PRESENCE_IDS = 10000;
 // A resync longer than this reaches the browser in several presence_resync events.
 const MAX_RESYNC_BATCH = 1000;
 // Request ids carry the command in their low bits, so a refusal names the right event.
@@ -172,6 +175,9 @@ class SocketBinding {
       }
     }
     if (this.joined && this.userId === userId) return; // already this user's device
+    // Each open costs the service a device registration: a socket switching users (trust-client)
+    // or reopening after a refusal, again and again, spends from the command budget.
+    if (!this.admit('user_authenticated', null, { backlog: false })) return;
     if (this.joined) this.leave(); // trust-client: the socket switched users; the old user's device leaves
     if (this.badPlatform) {
       this.refuse('user_authenticated', "auth.platform must be 'desktop', 'mobile' or 'web'; the device is connected without a platform", {
@@ -224,6 +230,10 @@ class SocketBinding {
       this.refuse('get_presence', 'emit user_authenticated first');
       return;
     }
+    if (ids.length > MAX_GET_PRESENCE_IDS) {
+      this.refuse('get_presence', `at most ${MAX_GET_PRESENCE_IDS} user ids per get_presence`, { ids: ids.length });
+      return;
+    }
     const userIds = this.validIds(ids);
     if (userIds.length === 0) {
       this.socket.emit('presence_info', []);
@@ -264,8 +274,11 @@ class SocketBinding {
     return valid;
   }
 
-  /** A command may go: within this socket's budget and the relay stream not backed up. */
-  admit(event, reply) {
+  /**
+   * A command may go: within this socket's budget and (unless `backlog` is false) the relay
+   * stream not backed up.
+   */
+  admit(event, reply, { backlog = true } = {}) {
     const refuse = (message) => {
       this.refuse(event, message);
       if (reply) reply({ ok: false, message });
@@ -279,7 +292,7 @@ class SocketBinding {
     }
     if (!this.commands) this.commands = new TokenBucket(this.edge.commandRate);
     if (!this.commands.take()) return refuse('too many requests from this socket; slow down');
-    if (this.edge.relay.backlog() > MAX_RELAY_BACKLOG) return refuse('the presence service is busy; try again shortly');
+    if (backlog && this.edge.relay.backlog() > MAX_RELAY_BACKLOG) return refuse('the presence service is busy; try again shortly');
     return true;
   }
 

@@ -7,6 +7,7 @@
 // 5. An id that is a valid uint64 but 2^63 or more (the service stores signed 64-bit ids) failed
 //    the whole request (UNAVAILABLE from the service's storage); it is now skipped like any
 //    other invalid id, with the warning.
+// And what a browser sends cannot make the edge (or its relay stream) carry without bound.
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { startFakePresence } = require('./helpers/fake-presence');
@@ -63,4 +64,36 @@ test('ids of 2^63 or more are skipped with a warning; the rest of the request is
   assert.deepEqual(c.received('presence_error', since), []);
   const warning = ctx.edge.log.entries.slice(warnings).find((e) => e.msg === 'get_presence: skipped invalid user ids');
   assert.equal(warning && warning.invalid, 3);
+});
+
+test('a browser cannot make the edge carry without bound: huge id lists, floods of opens and commands', async (t) => {
+  const fake = await startFakePresence();
+  t.after(() => fake.stop());
+  const edge = await startTestEdge({ target: fake.target, identity: 'trust-client' });
+  t.after(() => edge.close());
+  const c = await connect(edge.url, { name: 'flooder' });
+  t.after(() => c.close());
+
+  // Switching users again and again (trust-client): each switch is a session opened on the
+  // service; beyond the socket's command budget (burst 20) they are refused.
+  for (let user = 1; user <= 40; user += 1) c.socket.emit('user_authenticated', user);
+  await c.waitFor('presence_error', (e) => e.event === 'user_authenticated' && /too many requests/.test(e.message));
+  await eventually(() => edge.stats().ready === 1, { what: 'the last admitted session' });
+  const opens = fake.commands.filter((m) => m.kind === 'open').length;
+  assert.ok(opens >= 20 && opens <= 22, `${opens} sessions opened for 40 switches`);
+
+  // Commands share that budget, refilled four per second: wait for it, then flood activity.
+  await new Promise((r) => setTimeout(r, 2000));
+  const since = c.mark();
+  for (let i = 0; i < 40; i += 1) c.socket.emit('activity', i % 2 ? 'active' : 'idle');
+  await c.waitFor('presence_error', (e) => e.event === 'activity' && /too many requests/.test(e.message), { since });
+  await new Promise((r) => setTimeout(r, 200));
+  const activities = fake.commands.filter((m) => m.kind === 'set_activity').length;
+  assert.ok(activities >= 8 && activities <= 22, `${activities} activity changes reached the service`);
+
+  const huge = c.mark();
+  c.socket.emit('get_presence', Array.from({ length: 10001 }, (_, i) => i + 1));
+  const err = await c.waitFor('presence_error', (e) => e.event === 'get_presence', { since: huge });
+  assert.match(err.message, /at most 10000 user ids per get_presence/);
+  assert.equal(fake.commands.filter((m) => m.kind === 'get_presence').length, 0);
 });
