@@ -83,7 +83,8 @@ test('a browser cannot make the edge carry without bound: huge id lists, floods 
   await c.waitFor('presence_error', (e) => e.event === 'user_authenticated' && /too many requests/.test(e.message));
   await eventually(() => edge.stats().ready === 1, { what: 'the last admitted session' });
   const opens = fake.commands.filter((m) => m.kind === 'open').length;
-  assert.ok(opens >= 20 && opens <= 22, `${opens} sessions opened for 40 switches`);
+  // 20 at once, plus the refill (four per second) while the 40 arrive.
+  assert.ok(opens >= 20 && opens < 35, `${opens} sessions opened for 40 switches`);
 
   // Commands share that budget, refilled four per second: wait for it, then flood activity.
   await new Promise((r) => setTimeout(r, 2000));
@@ -92,7 +93,7 @@ test('a browser cannot make the edge carry without bound: huge id lists, floods 
   await c.waitFor('presence_error', (e) => e.event === 'activity' && /too many requests/.test(e.message), { since });
   await new Promise((r) => setTimeout(r, 200));
   const activities = fake.commands.filter((m) => m.kind === 'set_activity').length;
-  assert.ok(activities >= 8 && activities <= 22, `${activities} activity changes reached the service`);
+  assert.ok(activities >= 8 && activities < 35, `${activities} activity changes reached the service`);
 
   const huge = c.mark();
   c.socket.emit('get_presence', Array.from({ length: 10001 }, (_, i) => i + 1));
