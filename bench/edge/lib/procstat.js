@@ -39,13 +39,14 @@ function readProcess(pid) {
  * The machine's CPU time (all cores), in clock ticks: `busy` (every process and the kernel) and,
  * within it, `irq` (hard and soft interrupts: on loopback, mostly the network stack carrying the
  * bench's own traffic, charged to no process); `steal`, apart, is time the hypervisor gave to
- * other guests.
+ * other guests, and `iowait` idle time with disk I/O outstanding (the seed's MariaDB commits
+ * every UPDATE: other people's builds writing to the disk slow it down without using CPU).
  */
 function machineTicks() {
   const line = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
   // cpu  user nice system idle iowait irq softirq steal (guest time is already in user)
   const v = line.trim().split(/\s+/).slice(1, 9).map(Number);
-  return { busy: v[0] + v[1] + v[2] + v[5] + v[6], irq: v[5] + v[6], steal: v[7] };
+  return { busy: v[0] + v[1] + v[2] + v[5] + v[6], irq: v[5] + v[6], steal: v[7], iowait: v[4] };
 }
 
 /** PIDs of a process's children (from /proc/PID/task/TID/children), not recursive. */
@@ -150,6 +151,7 @@ function cpuBetween(a, b) {
     machineCores: cores(busy),
     irqCores: cores(irq),
     stealCores: cores(b.machine.steal - a.machine.steal),
+    iowaitCores: cores(b.machine.iowait - a.machine.iowait),
     otherCores: cores(Math.max(0, busy - irq - measured)),
   };
 }

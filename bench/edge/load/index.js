@@ -342,12 +342,14 @@ async function run(cfg) {
         irqCores: cpu.irqCores,
         otherCores: cpu.otherCores,
         stealCores: cpu.stealCores,
+        iowaitCores: cpu.iowaitCores,
       },
       rssPeakMb: Object.fromEntries(Object.entries(sampler.peaks).map(([k, v]) => [k, v / 1024])),
     };
     log(
       `${rate}/s: p50 ${fmt(phase.latencyMs.p50)} p99 ${fmt(phase.latencyMs.p99)} max ${fmt(phase.latencyMs.max)} ms, ` +
-        `${delivered}/${phase.expected} delivered, lost ${phase.lost}; rest of the machine ${fmt(cpu.otherCores, 2)} cores`,
+        `${delivered}/${phase.expected} delivered, lost ${phase.lost}; rest of the machine ${fmt(cpu.otherCores, 2)} cores, ` +
+        `iowait ${fmt(cpu.iowaitCores, 2)}`,
     );
     return phase;
   };
