@@ -125,6 +125,10 @@ pub struct Presence {
     pub offline_version: u64,
     pub privacy: Privacy,
     pub custom: Option<Arc<CustomStatus>>,
+    /// When the user last chose (status, privacy, custom status): after a partition, the later
+    /// choice wins (nodes that decided alone while the backplane failed each have their copy;
+    /// versions there say nothing about which choice came last). 0: unknown.
+    pub chosen_at: Millis,
     /// When the user's live devices all stopped being ACTIVE (None while one is, or offline).
     pub inactive_since: Option<Millis>,
     /// Each node's report of its devices; a node whose devices left keeps its entry (with zero
@@ -373,9 +377,18 @@ pub fn apply(p: &mut Presence, op: &Op, node: &NodeId, now: Millis) -> Outcome {
                 p.grace = None;
             }
         }
-        Op::Status(s) => p.chosen = *s,
-        Op::Privacy(privacy) => p.privacy = *privacy,
-        Op::Custom(c) => p.custom = c.clone(),
+        Op::Status(s) => {
+            p.chosen = *s;
+            p.chosen_at = p.chosen_at.max(now);
+        }
+        Op::Privacy(privacy) => {
+            p.privacy = *privacy;
+            p.chosen_at = p.chosen_at.max(now);
+        }
+        Op::Custom(c) => {
+            p.custom = c.clone();
+            p.chosen_at = p.chosen_at.max(now);
+        }
         Op::ExpireCustom { expires_at } => {
             if p.custom
                 .as_ref()
@@ -445,10 +458,12 @@ fn reconcile(p: &mut Presence, seed: &Presence, node: &NodeId) -> bool {
     if let Some(own) = seed.node(node) {
         p.report(node, own.seq, own.devices);
     }
-    if seed.version > p.version {
+    // The later choice wins; with no time on either side (older states), the higher version.
+    if seed.chosen_at > p.chosen_at || (seed.chosen_at == p.chosen_at && seed.version > p.version) {
         p.chosen = seed.chosen;
         p.privacy = seed.privacy;
         p.custom = seed.custom.clone();
+        p.chosen_at = seed.chosen_at;
     }
     p.last_seen = p.last_seen.max(seed.last_seen);
     p.last_offline = p.last_offline.max(seed.last_offline);
@@ -773,8 +788,10 @@ mod tests {
         let mut shared = Presence::default();
         run(&mut shared, "a", &[devices(1, dev(1, 1))]);
         let mut local = shared.clone();
-        // During an outage node b's user changed status locally; the shared state moved on too.
+        // During an outage node b's user changed status locally (after the shared state's
+        // privacy change below: the later choice wins); the shared state moved on too.
         local.chosen = Status::Busy;
+        local.chosen_at = 2_000;
         local.version += 2;
         run(
             &mut shared,
@@ -795,6 +812,34 @@ mod tests {
         assert!(
             shared.version > local.version,
             "above what the node's receivers saw"
+        );
+    }
+
+    #[test]
+    fn reconciling_keeps_the_later_choice_whatever_the_versions() {
+        let mut shared = Presence::default();
+        run(&mut shared, "a", &[devices(1, dev(1, 1))]);
+        let mut local = shared.clone();
+        // Node b decided a status alone long ago, and bumped its copy's version many times;
+        // the shared state's user chose later.
+        local.chosen = Status::Away;
+        local.chosen_at = 500;
+        local.version += 10;
+        apply(&mut shared, &Op::Status(Status::Busy), &node("a"), 3_000);
+        apply(
+            &mut shared,
+            &Op::Reconcile(Box::new(local.clone())),
+            &node("b"),
+            4_000,
+        );
+        assert_eq!(
+            (shared.chosen, shared.chosen_at),
+            (Status::Busy, 3_000),
+            "the later choice wins"
+        );
+        assert!(
+            shared.version > local.version,
+            "above what either side's receivers saw"
         );
     }
 }

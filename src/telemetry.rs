@@ -13,7 +13,11 @@ pub enum LogFormat {
 
 /// Sends logs to stderr (stdout is kept for what commands print). Default level: info.
 pub fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The Redis client logs every reconnect attempt during a failover as a warning; the node
+    // says once, itself, that Redis is unreachable and when it is back.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("redis=error".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

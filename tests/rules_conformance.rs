@@ -193,7 +193,8 @@ async fn the_lua_script_and_the_rust_rules_agree_on_every_operation() {
         rand::random::<u32>()
     );
     let config = RedisConfig {
-        url,
+        target: presence::cluster::redis::RedisTarget::Single(url.clone()),
+        wait_replicas: 0,
         prefix: prefix.clone(),
         lease_ttl: Duration::from_secs(10),
         idle_ttl: Duration::from_secs(60),
@@ -265,7 +266,7 @@ async fn the_lua_script_and_the_rust_rules_agree_on_every_operation() {
         }
     }
     // Clean up: every user hash and the nodes' user sets.
-    let client = redis::Client::open(config.url.as_str()).expect("a valid URL");
+    let client = redis::Client::open(url.as_str()).expect("a valid URL");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await

@@ -190,6 +190,7 @@ impl Backplane for MemoryBackplane {
         let failed_since = self.failed.swap(false, Ordering::Relaxed);
         Ok(Renewal {
             lost: !first && (!registered || failed_since),
+            claimed: state.claims.contains_key(&self.node),
         })
     }
 
@@ -215,6 +216,12 @@ impl Backplane for MemoryBackplane {
             .map(|(d, (c, l))| (d.clone(), c.clone(), *l))
             .collect();
         for (dead, claimer, last) in claims {
+            if dead == self.node {
+                if expired(&state, &claimer) {
+                    state.claims.remove(&dead);
+                }
+                continue;
+            }
             if claimer == self.node || expired(&state, &claimer) {
                 state.claims.insert(dead.clone(), (self.node.clone(), last));
                 out.push(Claim {

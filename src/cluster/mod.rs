@@ -66,6 +66,9 @@ pub struct Renewal {
     /// This node had been declared dead (its registration claimed, or the backplane lost it):
     /// its devices must be restored and its users reconciled.
     pub lost: bool,
+    /// Another node holds a claim on this one and is dropping its devices: restoring them
+    /// before it is done would be undone.
+    pub claimed: bool,
 }
 
 /// A dead node whose devices this node must drop.
@@ -148,6 +151,9 @@ pub(crate) struct Wire {
     #[serde(rename = "is")]
     pub inactive: String,
     pub g: String,
+    /// When the user last chose (status, privacy, custom status), ms; absent in older states.
+    #[serde(default)]
+    pub ca: String,
     /// Per node: "seq,devices". Lua encodes an empty table as `{}`.
     #[serde(default)]
     pub d: BTreeMap<String, String>,
@@ -225,6 +231,7 @@ impl Wire {
                     approximate_last_seen: self.pa != "0",
                 },
                 custom,
+                chosen_at: self.ca.parse().unwrap_or(0),
                 inactive_since: opt_ms(&self.inactive)?,
                 nodes,
                 grace: decode_grace(&self.g)?,

@@ -33,12 +33,12 @@ impl Engine {
             self.apply_local(user, &op, now);
             return;
         };
-        let Some(seed) = self
-            .shard(user)
-            .users
-            .get(&user)
-            .map(|e| self.seed_of(e, &op))
-        else {
+        // A copy changed here while the backplane failed goes first: its changes are older
+        // than `op`, which must not be overwritten by them when they are reconciled later.
+        let Some((seed, pending)) = self.shard(user).users.get(&user).map(|e| {
+            let pending = e.unsynced.then(|| self.reconciliation(user, e));
+            (self.seed_of(e, &op), pending)
+        }) else {
             return;
         };
         let transition = Transition {
@@ -47,13 +47,13 @@ impl Engine {
             seed,
             at: now,
         };
-        match bp.transition(vec![transition]).await {
-            Ok(mut results) => {
-                if let Some(Some((presence, outcome))) = results.pop()
-                    && !self.apply_shared(user, presence.clone(), true)
-                    && outcome.changed
-                {
-                    self.write_loose(user, &presence);
+        let batch: Vec<Transition> = pending.into_iter().chain([transition]).collect();
+        match bp.transition(batch).await {
+            Ok(results) => {
+                for (presence, outcome) in results.into_iter().flatten() {
+                    if !self.apply_shared(user, presence.clone(), true) && outcome.changed {
+                        self.write_loose(user, &presence);
+                    }
                 }
             }
             Err(e) => {
@@ -173,6 +173,12 @@ impl Engine {
         let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let reaping: Arc<Mutex<HashSet<Arc<str>>>> = Arc::default();
+        // This node's devices must be restored once no other node is dropping them.
+        let mut restore_pending = false;
+        // Since when renewals succeed without a break: other nodes' leases are judged only
+        // after a whole TTL of it, so that after an outage of the backplane (every lease
+        // expired) the nodes have time to renew before anyone declares them dead.
+        let mut healthy_since: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -183,12 +189,19 @@ impl Engine {
             }
             match bp.renew().await {
                 Ok(renewal) => {
+                    healthy_since.get_or_insert_with(std::time::Instant::now);
                     if renewal.lost {
                         tracing::warn!(
                             "this node was declared dead or the backplane lost its state; restoring its devices"
                         );
+                        restore_pending = true;
                     }
-                    if renewal.lost {
+                    if restore_pending && renewal.claimed {
+                        tracing::info!(
+                            "another node is still dropping this node's devices; restoring them once it is done"
+                        );
+                    } else if restore_pending {
+                        restore_pending = false;
                         self.restore_all().await;
                         self.resync_all().await;
                         {
@@ -207,8 +220,12 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "lease renewal failed");
+                    healthy_since = None;
                     continue;
                 }
+            }
+            if healthy_since.is_none_or(|t| t.elapsed() < ttl) {
+                continue;
             }
             match bp.claim().await {
                 Ok(claims) => {
@@ -382,10 +399,11 @@ impl Engine {
             let users: Vec<UserId> = chunk.iter().map(|t| t.user).collect();
             match bp.transition(chunk.to_vec()).await {
                 Ok(results) => {
-                    for (user, result) in users.into_iter().zip(results) {
+                    for ((user, result), sent) in users.into_iter().zip(results).zip(chunk) {
                         if let Some((presence, _)) = result {
                             self.apply_shared(user, presence, true);
                         }
+                        self.correct_if_stale(user, sent).await;
                     }
                     done += chunk.len();
                 }
@@ -396,6 +414,29 @@ impl Engine {
             }
         }
         done
+    }
+
+    /// A reconciliation carries a snapshot of this node's devices; if they changed while it ran
+    /// (a device left), the snapshot may have landed after the newer report, or re-created a
+    /// state the backplane had already released: the current devices are reported again.
+    async fn correct_if_stale(&self, user: UserId, sent: &Transition) {
+        let Op::Reconcile(copy) = &sent.op else {
+            return;
+        };
+        let sent_devices = copy.node(&self.shared.node).map(|n| n.devices);
+        let now = self.shard(user).users.get(&user).map(|e| e.local());
+        if let Some(local) = now
+            && sent_devices.is_some_and(|d| d != local)
+        {
+            let op = {
+                let shard = self.shard(user);
+                let Some(e) = shard.users.get(&user) else {
+                    return;
+                };
+                self.device_report(e, None)
+            };
+            self.change(user, op).await;
+        }
     }
 
     /// Reads the shared presence of every user in memory and applies what is newer.

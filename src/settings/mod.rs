@@ -152,8 +152,16 @@ pub struct Settings {
     pub delivery_batch_us: u64,
 
     /// Redis URL: set it to run several nodes as one cluster (unset: a single node, no Redis).
+    /// redis://HOST:PORT (one instance), redis+cluster://HOST:PORT,HOST:PORT,… (a Redis
+    /// Cluster: any of its nodes as seeds) or redis+sentinel://HOST:PORT,…/MASTER (Sentinel).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<SecretUrl>,
+
+    /// Replicas that must hold each presence change before a node acts on it (Redis WAIT, at
+    /// most 100 ms per batch), so a failover loses no acknowledged change. Default: 1 on a Redis
+    /// Cluster or Sentinel, 0 on one instance.
+    #[arg(long, env = "PRESENCE_REDIS_WAIT_REPLICAS", value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub redis_wait_replicas: Option<u32>,
 
     /// Prefix of every Redis key and channel (several clusters or test runs can share a Redis).
     #[arg(long, env = "PRESENCE_REDIS_PREFIX", default_value = "presence")]
@@ -312,6 +320,7 @@ impl Settings {
 
     /// The Redis backplane's settings, or None on a single node.
     fn redis(&self) -> Result<Option<crate::cluster::redis::RedisConfig>, SettingsError> {
+        use crate::cluster::redis::{RedisConfig, RedisTarget};
         let Some(url) = self
             .redis_url
             .as_ref()
@@ -319,14 +328,16 @@ impl Settings {
         else {
             return Ok(None);
         };
-        if !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://")) {
-            return Err(SettingsError::new(
-                "REDIS_URL",
-                format!("{url} is not supported: use redis://HOST:PORT"),
-            ));
-        }
-        Ok(Some(crate::cluster::redis::RedisConfig {
-            url: url.expose().to_string(),
+        let target = RedisTarget::parse(url.expose())
+            .map_err(|e| SettingsError::new("REDIS_URL", format!("{url} {e}")))?;
+        let wait_replicas = match (self.redis_wait_replicas, &target) {
+            (Some(n), _) => n,
+            (None, RedisTarget::Single(_)) => 0,
+            (None, _) => 1,
+        };
+        Ok(Some(RedisConfig {
+            target,
+            wait_replicas,
             prefix: self.redis_prefix.clone(),
             lease_ttl: Duration::from_secs(self.node_lease_ttl_s),
             idle_ttl: Duration::from_secs(self.redis_idle_ttl_s),

@@ -44,7 +44,7 @@ fn in_ci() -> bool {
 }
 
 /// Either fails (CI) or says why the test is skipped and returns None.
-fn unavailable<T>(what: &str) -> Option<T> {
+pub fn unavailable<T>(what: &str) -> Option<T> {
     if in_ci() {
         panic!("{what}; CI=true, so the cluster tests fail instead of skipping");
     }

@@ -33,6 +33,7 @@
 mod clients;
 mod contacts;
 mod devices;
+mod failover;
 mod fan_out;
 mod features;
 mod harness;
@@ -41,3 +42,4 @@ mod pause;
 mod reaping;
 mod redis_outage;
 mod shared_database;
+mod topology;

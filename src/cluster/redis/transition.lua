@@ -12,7 +12,9 @@
 -- 6 channel, 7 idle TTL in ms (the hash expires this long after its user's last device left),
 -- 8..19 the seed (c ls lo v ov po pl pa ct ce cx is: what the calling node knows, used when
 -- Redis has nothing for the user), 20..22 the op's arguments, 23 the calling node's own report
--- "seq,devices" as it knows it (or ''), also used only when Redis has nothing for the user.
+-- "seq,devices" as it knows it (or ''), also used only when Redis has nothing for the user,
+-- 24 the seed's choice time (field ca: when the user last chose a status, privacy or custom
+-- status; after a partition the later choice wins).
 local h = KEYS[1]
 local op, node, now, uid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local pubcmd, chan, idle_ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
@@ -33,6 +35,8 @@ if redis.call('EXISTS', h) == 0 then
     args[#args + 1] = 'd:' .. node
     args[#args + 1] = ARGV[23]
   end
+  args[#args + 1] = 'ca'
+  args[#args + 1] = ARGV[24] or '0'
   redis.call('HSET', h, unpack(args))
   created = true
 end
@@ -45,7 +49,7 @@ for i = 1, #raw, 2 do
 end
 -- A hash written by an older version of this script may lack fields: their defaults.
 local DEFAULTS = {c = 'online', ls = '', lo = '', v = '0', ov = '0', po = 'contacts',
-  pl = 'contacts', pa = '1', ct = '', ce = '', cx = '', ['is'] = '', g = ''}
+  pl = 'contacts', pa = '1', ct = '', ce = '', cx = '', ['is'] = '', g = '', ca = '0'}
 for f, default in pairs(DEFAULTS) do
   if s[f] == nil then s[f] = default end
 end
@@ -164,10 +168,13 @@ elseif op == 'expire' then
   end
 elseif op == 'status' then
   s.c = a1
+  if now > tonumber(s.ca) then s.ca = fmt(now) end
 elseif op == 'privacy' then
   s.po, s.pl, s.pa = a1, a2, a3
+  if now > tonumber(s.ca) then s.ca = fmt(now) end
 elseif op == 'custom' then
   s.ct, s.ce, s.cx = a1, a2, a3
+  if now > tonumber(s.ca) then s.ca = fmt(now) end
 elseif op == 'expire_custom' then
   if (s.ct ~= '' or s.ce ~= '') and s.cx == a1 then s.ct, s.ce, s.cx = '', '', '' end
 elseif op == 'drop_node' then
@@ -186,8 +193,12 @@ elseif op == 'reconcile' then
     report(node, seq, d)
   end
   local seed_v = tonumber(ARGV[11])
-  if seed_v > tonumber(s.v) then
+  local seed_ca = tonumber(ARGV[24] or '0')
+  local ca = tonumber(s.ca)
+  -- The later choice wins; with no time on either side (older states), the higher version.
+  if seed_ca > ca or (seed_ca == ca and seed_v > tonumber(s.v)) then
     s.c, s.po, s.pl, s.pa, s.ct, s.ce, s.cx = ARGV[8], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18]
+    s.ca = fmt(seed_ca)
   end
   local function later(x, y)
     local nx, ny = num(x), num(y)
@@ -235,6 +246,8 @@ for _, f in ipairs(SCALARS) do
 end
 args[#args + 1] = 'g'
 args[#args + 1] = s.g
+args[#args + 1] = 'ca'
+args[#args + 1] = s.ca
 redis.call('HSET', h, unpack(args))
 -- The hash lives while a device (or a grace) does; afterwards the store has it (the node that
 -- made the last change writes it and releases the hash), and this TTL is the safety net.
@@ -244,7 +257,7 @@ else
   redis.call('PERSIST', h)
 end
 
-local state = {k = 'p', u = uid, g = s.g, d = {}}
+local state = {k = 'p', u = uid, g = s.g, ca = s.ca, d = {}}
 for _, f in ipairs(SCALARS) do state[f] = s[f] end
 for n, val in pairs(nodes) do state.d[n] = val end
 local msg = cjson.encode(state)

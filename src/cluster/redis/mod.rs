@@ -11,20 +11,29 @@
 //! - `{P}:nodes` (registrations: node → last renewal), `{P}:lease:NODE` (expires when NODE
 //!   stops renewing), `{P}:claims` (dead node → "claimer,last renewal"): the control keys,
 //!   one slot.
-//! - Changes are published on `P:changes`.
+//! - Changes are published on `P:changes` (one instance, Sentinel) or, on a Redis Cluster, on
+//!   `P:changes:{G}`, in the slot of group G's users: see [`pubsub`].
+//!
+//! Where Redis is (one instance, a Redis Cluster, Sentinel) is [`target`]; [`conn`] hands out
+//! connections that follow it.
+mod conn;
+mod pubsub;
+pub mod target;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::ConnectionManager;
+use redis::{Cmd, Value};
+
+use conn::Commands;
+pub use target::RedisTarget;
 
 use super::{
     Backplane, BackplaneError, Claim, Message, Renewal, Result, Transition, Wire, contact_message,
-    parse_message,
 };
 use crate::domain::{Millis, UserId, now_millis};
 use crate::rules::{NodeId, Op, Outcome, Presence};
@@ -56,6 +65,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ',' .. last)
 return last
 "#;
 
+/// Drops a claim on the calling node itself whose claimer died: the node is alive, and restores
+/// its devices itself. KEYS: claims, the claimer's lease. ARGV: node, the claim as read.
+const UNCLAIM_SELF: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"#;
+
 /// Forgets users written to the store: only those still at the written version, without
 /// devices or grace. KEYS: the user hashes. ARGV: their versions.
 const RELEASE: &str = r#"
@@ -80,7 +98,10 @@ return 0
 /// Settings of the Redis backplane.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    pub url: String,
+    pub target: RedisTarget,
+    /// Replicas that must have each write before the node acts on it (Redis `WAIT`, at most
+    /// 100 ms): a failover then loses no transition a node acknowledged. 0: do not wait.
+    pub wait_replicas: u32,
     /// Prefix of every key and channel.
     pub prefix: String,
     /// A node silent this long is declared dead.
@@ -90,23 +111,24 @@ pub struct RedisConfig {
     pub idle_ttl: Duration,
 }
 
-/// The backplane on one Redis server.
+/// The backplane on Redis.
 pub struct RedisBackplane {
     node: NodeId,
     config: RedisConfig,
-    conn: ConnectionManager,
-    client: redis::Client,
+    commands: Arc<Commands>,
     transition: redis::Script,
     claim: redis::Script,
     take_over: redis::Script,
+    unclaim_self: redis::Script,
     release: redis::Script,
     /// False while Redis does not answer.
     up: AtomicBool,
     /// Set after the first registration: from then on a missing registration means this node
     /// was declared dead (or Redis lost everything).
     registered_once: AtomicBool,
-    /// A call failed since the last renewal: the next successful one reports `lost`.
-    failed: AtomicBool,
+    /// A call failed (or the subscription ended) since the last renewal: the next successful
+    /// one reports `lost`.
+    failed: Arc<AtomicBool>,
 }
 
 fn redis_error(e: redis::RedisError) -> BackplaneError {
@@ -116,27 +138,21 @@ fn redis_error(e: redis::RedisError) -> BackplaneError {
 impl RedisBackplane {
     /// Connects (failing at once if Redis does not answer: the caller retries).
     pub async fn connect(node: NodeId, config: RedisConfig) -> Result<RedisBackplane> {
-        let client = redis::Client::open(config.url.as_str()).map_err(redis_error)?;
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(manager_config)
+        let commands = Commands::connect(&config.target, config.wait_replicas)
             .await
             .map_err(redis_error)?;
         Ok(RedisBackplane {
             node,
             config,
-            conn,
-            client,
+            commands: Arc::new(commands),
             transition: redis::Script::new(TRANSITION),
             claim: redis::Script::new(CLAIM),
             take_over: redis::Script::new(TAKE_OVER),
+            unclaim_self: redis::Script::new(UNCLAIM_SELF),
             release: redis::Script::new(RELEASE),
             up: AtomicBool::new(true),
             registered_once: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -150,6 +166,7 @@ impl RedisBackplane {
                 Ok(v)
             }
             Err(e) => {
+                self.commands.failed(&e);
                 self.failed.store(true, Ordering::Relaxed);
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "redis is unreachable: serving presence from this node's memory");
@@ -180,12 +197,33 @@ impl RedisBackplane {
         self.control_key(&format!("lease:{node}"))
     }
 
-    fn channel(&self) -> String {
-        format!("{}:changes", self.config.prefix)
+    /// How a change of `user` is published: the command and the channel.
+    fn publication(&self, user: UserId) -> (&'static str, String) {
+        if self.commands.is_cluster() {
+            (
+                "SPUBLISH",
+                pubsub::group_channel(&self.config.prefix, user.get() % GROUPS),
+            )
+        } else {
+            ("PUBLISH", pubsub::channel(&self.config.prefix))
+        }
+    }
+
+    /// A script call: by hash, or (`eval`) with its body, which also caches it in Redis.
+    fn script_cmd(script: &redis::Script, body: &str, eval: bool) -> Cmd {
+        let mut cmd;
+        if eval {
+            cmd = redis::cmd("EVAL");
+            cmd.arg(body);
+        } else {
+            cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash());
+        }
+        cmd
     }
 
     /// The script call of one transition.
-    fn transition_cmd(&self, t: &Transition) -> redis::Cmd {
+    fn transition_cmd(&self, t: &Transition, eval: bool) -> Cmd {
         let seed = Wire::scalars(t.seed());
         let (name, args): (&str, [String; 3]) = match &t.op {
             Op::Devices {
@@ -241,16 +279,16 @@ impl RedisBackplane {
                 ],
             ),
         };
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.transition.get_hash())
-            .arg(1)
+        let (publish, channel) = self.publication(t.user);
+        let mut cmd = Self::script_cmd(&self.transition, TRANSITION, eval);
+        cmd.arg(1)
             .arg(self.user_key(t.user))
             .arg(name)
             .arg(&*self.node)
             .arg(t.at)
             .arg(t.user.get())
-            .arg("PUBLISH")
-            .arg(self.channel())
+            .arg(publish)
+            .arg(channel)
             .arg(self.config.idle_ttl.as_millis() as u64)
             .arg(&seed[..])
             .arg(&args[..])
@@ -259,27 +297,45 @@ impl RedisBackplane {
                     .node(&self.node)
                     .map(|n| format!("{},{}", n.seq, n.devices.encode()))
                     .unwrap_or_default(),
-            );
+            )
+            .arg(t.seed().chosen_at);
         cmd
     }
 
-    /// Runs a pipeline whose scripts Redis may not know yet (after a restart): on NOSCRIPT the
-    /// scripts are loaded and the pipeline runs again (every step is idempotent).
-    async fn run_scripts<T: redis::FromRedisValue>(
+    /// Runs script calls (built by hash, or with their bodies when `eval`) grouped by slot;
+    /// when Redis does not know a script (a restart, a promoted replica), they run again with
+    /// their bodies. Every step is idempotent.
+    async fn run_scripts(
         &self,
-        pipe: &redis::Pipeline,
-        scripts: &[&redis::Script],
-    ) -> redis::RedisResult<T> {
-        let mut conn = self.conn.clone();
-        match pipe.query_async(&mut conn).await {
+        build: impl Fn(bool) -> Vec<(String, Cmd)>,
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self.commands.grouped(build(false), true).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                for s in scripts {
-                    s.load_async(&mut conn).await?;
-                }
-                pipe.query_async(&mut conn).await
+                self.commands.grouped(build(true), true).await
             }
             other => other,
         }
+    }
+
+    /// Takes users out of a node's set (a reaper done with them, or this node settled them).
+    async fn remove_node_users(&self, node: &str, users: &[UserId]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let ids: Vec<u64> = users.iter().map(|u| u.get()).collect();
+        self.note(
+            redis::cmd("SREM")
+                .arg(self.node_users_key(node))
+                .arg(ids)
+                .query_async::<()>(&mut conn)
+                .await,
+        )
+    }
+
+    async fn conn(&self) -> Result<conn::Conn> {
+        let conn = self.commands.conn().await;
+        self.note(conn)
     }
 }
 
@@ -309,6 +365,7 @@ fn wire_of_hash(user: UserId, hash: HashMap<String, String>) -> Option<Wire> {
         cx: get("cx"),
         inactive: get("is"),
         g: get("g"),
+        ca: get("ca"),
         d,
     })
 }
@@ -327,16 +384,37 @@ impl Backplane for RedisBackplane {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        // Added before the transitions: a reaper of this node finds every user whose state it
+        // may have changed and not written yet.
         let mine = self.node_users_key(&self.node);
-        let mut pipe = redis::pipe();
-        for t in &batch {
-            // Added before the transition: a reaper of this node finds every user whose state
-            // it may have changed and not written yet.
-            pipe.cmd("SADD").arg(&mine).arg(t.user.get()).ignore();
-            pipe.add_command(self.transition_cmd(t));
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(&mine)
+            .arg(batch.iter().map(|t| t.user.get()).collect::<Vec<_>>());
+        let cluster = self.commands.is_cluster();
+        if cluster {
+            // In another slot than the users': its own round trip, first.
+            let mut conn = self.conn().await?;
+            self.note(sadd.query_async::<()>(&mut conn).await)?;
         }
-        let replies: Vec<(String, String)> =
-            self.note(self.run_scripts(&pipe, &[&self.transition]).await)?;
+        let replies = self.note(
+            self.run_scripts(|eval| {
+                let mut cmds = Vec::with_capacity(batch.len() + 1);
+                if !cluster {
+                    cmds.push((mine.clone(), sadd.clone()));
+                }
+                for t in &batch {
+                    cmds.push((self.user_key(t.user), self.transition_cmd(t, eval)));
+                }
+                cmds
+            })
+            .await,
+        )?;
+        let replies: Vec<(String, String)> = replies
+            .into_iter()
+            .skip(usize::from(!cluster))
+            .map(redis::from_redis_value)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| BackplaneError(format!("unexpected reply from Redis: {e}")))?;
         batch
             .iter()
             .zip(replies)
@@ -365,12 +443,21 @@ impl Backplane for RedisBackplane {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for u in users {
-            pipe.cmd("HGETALL").arg(self.user_key(*u));
-        }
-        let mut conn = self.conn.clone();
-        let hashes: Vec<HashMap<String, String>> = self.note(pipe.query_async(&mut conn).await)?;
+        let cmds = users
+            .iter()
+            .map(|u| {
+                let key = self.user_key(*u);
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(&key);
+                (key, cmd)
+            })
+            .collect();
+        let hashes: Vec<HashMap<String, String>> = self
+            .note(self.commands.grouped(cmds, false).await)?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| BackplaneError(format!("unexpected reply from Redis: {e}")))?;
         Ok(users
             .iter()
             .zip(hashes)
@@ -379,36 +466,40 @@ impl Backplane for RedisBackplane {
     }
 
     async fn publish_contacts(&self, added: bool, pairs: &[(UserId, UserId)]) -> Result<()> {
-        let mut pipe = redis::pipe();
-        for &(a, b) in pairs {
-            pipe.cmd("PUBLISH")
-                .arg(self.channel())
-                .arg(contact_message(added, a, b))
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        self.note(pipe.query_async::<()>(&mut conn).await)
+        let cmds = pairs
+            .iter()
+            .map(|&(a, b)| {
+                let (publish, channel) = self.publication(a);
+                let mut cmd = redis::cmd(publish);
+                cmd.arg(&channel).arg(contact_message(added, a, b));
+                (channel, cmd)
+            })
+            .collect();
+        self.note(self.commands.grouped(cmds, false).await)
+            .map(|_| ())
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, Message>> {
-        let mut pubsub = self.note(self.client.get_async_pubsub().await)?;
-        self.note(pubsub.subscribe(self.channel()).await)?;
-        Ok(pubsub
-            .into_on_message()
-            .filter_map(|m| async move {
-                let payload: String = m.get_payload().ok()?;
-                parse_message(&payload)
-            })
-            .boxed())
+        self.note(
+            pubsub::subscribe(
+                &self.config.target,
+                self.commands.clone(),
+                &self.config.prefix,
+                self.failed.clone(),
+            )
+            .await,
+        )
     }
 
     async fn renew(&self) -> Result<Renewal> {
         let now = now_millis();
         let nodes = self.control_key("nodes");
-        let mut conn = self.conn.clone();
-        let (registered,): (bool,) = self.note(
+        let conn = self.commands.control_conn().await;
+        let mut conn = self.note(conn)?;
+        let (registered, claimed): (bool, bool) = self.note(
             redis::pipe()
                 .hexists(&nodes, &*self.node)
+                .hexists(self.control_key("claims"), &*self.node)
                 .cmd("SET")
                 .arg(self.lease_key(&self.node))
                 .arg(now)
@@ -424,11 +515,12 @@ impl Backplane for RedisBackplane {
         let failed_since = self.failed.swap(false, Ordering::Relaxed);
         Ok(Renewal {
             lost: !first && (!registered || failed_since),
+            claimed,
         })
     }
 
     async fn claim(&self) -> Result<Vec<Claim>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let nodes_key = self.control_key("nodes");
         let claims_key = self.control_key("claims");
         let (nodes, claims): (HashMap<String, i64>, HashMap<String, String>) = self.note(
@@ -462,6 +554,23 @@ impl Backplane for RedisBackplane {
                 continue;
             };
             let last: Millis = last.parse().unwrap_or(0);
+            if node == *self.node {
+                // A claim on this very node whose claimer died: this node is alive and
+                // restores its own devices once the claim is gone.
+                let dropped: i64 = self.note(
+                    self.unclaim_self
+                        .key(&claims_key)
+                        .key(self.lease_key(claimer))
+                        .arg(&node)
+                        .arg(&claim)
+                        .invoke_async(&mut conn)
+                        .await,
+                )?;
+                if dropped == 1 {
+                    tracing::warn!(%claimer, "the node dropping this node's devices died; this node restores them itself");
+                }
+                continue;
+            }
             if claimer == &*self.node {
                 out.push(Claim {
                     node: Arc::from(node.as_str()),
@@ -491,7 +600,7 @@ impl Backplane for RedisBackplane {
     }
 
     async fn claimed_users(&self, dead: &NodeId, max: usize) -> Result<Vec<UserId>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let members: Vec<u64> = self.note(
             redis::cmd("SRANDMEMBER")
                 .arg(self.node_users_key(dead))
@@ -506,71 +615,61 @@ impl Backplane for RedisBackplane {
     }
 
     async fn finish_users(&self, dead: &NodeId, users: &[UserId]) -> Result<()> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let ids: Vec<u64> = users.iter().map(|u| u.get()).collect();
-        self.note(
-            redis::cmd("SREM")
-                .arg(self.node_users_key(dead))
-                .arg(ids)
-                .query_async::<()>(&mut conn)
-                .await,
-        )
+        self.remove_node_users(dead, users).await
     }
 
     async fn finish_claim(&self, dead: &NodeId) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.note(
-            redis::pipe()
-                .del(self.node_users_key(dead))
-                .ignore()
-                .hdel(self.control_key("claims"), &**dead)
-                .ignore()
+            redis::cmd("DEL")
+                .arg(self.node_users_key(dead))
+                .query_async::<()>(&mut conn)
+                .await,
+        )?;
+        // The claim goes last: until then another node may finish this one.
+        self.note(
+            redis::cmd("HDEL")
+                .arg(self.control_key("claims"))
+                .arg(&**dead)
                 .query_async::<()>(&mut conn)
                 .await,
         )
     }
 
     async fn settled(&self, users: &[UserId]) -> Result<()> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let ids: Vec<u64> = users.iter().map(|u| u.get()).collect();
-        self.note(
-            redis::cmd("SREM")
-                .arg(self.node_users_key(&self.node))
-                .arg(ids)
-                .query_async::<()>(&mut conn)
-                .await,
-        )
+        self.remove_node_users(&self.node, users).await
     }
 
     async fn release(&self, users: &[(UserId, u64)]) -> Result<()> {
         if users.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
         // One call per user: on a Redis Cluster the users' hashes live in different slots.
-        for &(user, version) in users {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.release.get_hash())
-                .arg(1)
-                .arg(self.user_key(user))
-                .arg(version);
-            pipe.add_command(cmd).ignore();
-        }
-        self.note(self.run_scripts::<()>(&pipe, &[&self.release]).await)
+        let replies = self.run_scripts(|eval| {
+            users
+                .iter()
+                .map(|&(user, version)| {
+                    let key = self.user_key(user);
+                    let mut cmd = Self::script_cmd(&self.release, RELEASE, eval);
+                    cmd.arg(1).arg(&key).arg(version);
+                    (key, cmd)
+                })
+                .collect()
+        });
+        self.note(replies.await).map(|_| ())
     }
 
     async fn deregister(&self) {
-        let mut conn = self.conn.clone();
+        let Ok(mut conn) = self.commands.conn().await else {
+            return;
+        };
         let _: redis::RedisResult<()> = redis::pipe()
             .hdel(self.control_key("nodes"), &*self.node)
             .del(self.lease_key(&self.node))
-            .del(self.node_users_key(&self.node))
+            .query_async(&mut conn)
+            .await;
+        let _: redis::RedisResult<()> = redis::cmd("DEL")
+            .arg(self.node_users_key(&self.node))
             .query_async(&mut conn)
             .await;
     }
