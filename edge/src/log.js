@@ -2,14 +2,14 @@
 // Minimal structured logger: one JSON object per line on stderr (stdout carries only the
 // `edge listening on PORT` line). Credentials never reach the output: the edge does not put
 // tokens in log fields, and as a second line of defence every line is scrubbed of what looks like
-// one (an `authorization`/`token` field, `Bearer …`, a JWT), wherever it sits — in a message,
+// one (an `authorization`/`token`/`secret` field, `Bearer …`, a JWT), wherever it sits — in a message,
 // an error's stack or details, or a value a client sent.
 
 const LEVELS = Object.freeze({ debug: 10, info: 20, warn: 30, error: 40, silent: 100 });
 
 const REDACTED = '[redacted]';
 // On the serialized JSON line, so nested fields and error texts are covered alike.
-const SECRET_FIELD = /"(authorization|token|service_token|access_token|id_token)":"(?:[^"\\]|\\.)*"/gi;
+const SECRET_FIELD = /"(authorization|token|service_token|servicetoken|access_token|id_token|secret|jwt_secret|jwtsecret)":"(?:[^"\\]|\\.)*"/gi;
 const BEARER = /\b(Bearer)(?:\s|\\[nrt])+(?:[^\s"\\]|\\.)+/gi;
 // A JWT: three base64url segments (the signature may be empty); base64 of a JSON object starts
 // with eyJ, so even a cut-off token is recognised by that. Dotted names (host names, stack

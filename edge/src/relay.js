@@ -18,6 +18,13 @@
 // A failure of the stream itself that no retry can fix (the service refuses the edge's service
 // identity, or has no RelayService) is logged as an error naming the setting, and retried at the
 // longest backoff only, so the edge recovers once the service is fixed.
+//
+// Each (re)open asks `credential.open()` for the service identity to send: with EDGE_JWT_SECRET a
+// token the edge minted and renews (service-token.js), so a stream reopened after hours still
+// presents a valid one. The service checks that token only when the stream opens; it does not end
+// the stream when the token expires. Should it do so (UNAUTHENTICATED once the token the stream
+// was opened with has expired), that is not a refusal: the stream is reopened at once with a
+// fresh token, as after any end.
 const grpc = require('@grpc/grpc-js');
 const { Backoff, NON_RETRYABLE, codeName } = require('./limits');
 
@@ -33,19 +40,23 @@ const DEFAULT_CHANNEL_OPTIONS = Object.freeze({
 });
 
 /** Why the service may refuse the relay stream itself, and what to change. */
-function refusalHint(code) {
+function refusalHint(code, identityHint) {
   if (code === grpc.status.UNIMPLEMENTED) {
     return 'the presence service has no presence.v1.RelayService: it is older than this edge; upgrade it';
   }
   if (code === grpc.status.UNAUTHENTICATED || code === grpc.status.PERMISSION_DENIED) {
     return (
+      identityHint ||
       "the presence service refused the edge's service identity: set EDGE_SERVICE_TOKEN to a service JWT " +
-      '(role: "service"); without it the edge names itself with x-presence-service: edge, which only a ' +
-      'development-mode service accepts'
+        '(role: "service"); without it the edge names itself with x-presence-service: edge, which only a ' +
+        'development-mode service accepts'
     );
   }
   return 'the presence service refused the relay stream';
 }
+
+/** How close to its expiry (ms, by this host's clock) a credential counts as expired: clocks differ. */
+const EXPIRY_SLACK_MS = 5000;
 
 /**
  * What a session holder (a socket binding) provides. The relay sets `sessionId` ('' when the
@@ -64,14 +75,16 @@ class RelayClient {
    * @param {object} o
    * @param {typeof grpc.Client} o.Client presence.v1.RelayService client constructor
    * @param {string} o.target
-   * @param {() => grpc.Metadata} o.metadata the edge's service identity, for each (re)open
+   * @param {object} o.credential the edge's service identity, asked at each (re)open:
+   *   open() → { metadata: grpc.Metadata, expiresAt?: ms since 1970 }; hint: what to fix when the
+   *   service refuses it
    * @param {(groups: object[], sessions: Map<string, object>) => void} o.onDelivery
    * @param {object} o.log
    * @param {object} [o.backoff]
    */
-  constructor({ Client, target, metadata, onDelivery, log, backoff, channelOptions }) {
+  constructor({ Client, target, credential, onDelivery, log, backoff, channelOptions }) {
     this.client = new Client(target, grpc.credentials.createInsecure(), { ...DEFAULT_CHANNEL_OPTIONS, ...channelOptions });
-    this.metadata = metadata;
+    this.credential = credential;
     this.onDelivery = onDelivery;
     this.log = log;
     this.backoff = new Backoff(backoff);
@@ -94,7 +107,8 @@ class RelayClient {
   _connect() {
     this.timer = null;
     if (this.closing) return;
-    const call = this.client.Relay(this.metadata());
+    const { metadata, expiresAt } = this.credential.open();
+    const call = this.client.Relay(metadata);
     this.call = call;
     this.state = 'connecting';
     this.counters.streams += 1;
@@ -104,7 +118,7 @@ class RelayClient {
       finished = true;
       if (this.call === call || this.draining === call) {
         this.draining = null;
-        this._ended(status);
+        this._ended(status, expiresAt);
       }
     };
     call.on('metadata', () => {
@@ -194,7 +208,12 @@ class RelayClient {
     }
   }
 
-  _ended(status) {
+  /**
+   * @param {object} status
+   * @param {number} [expiresAt] when the credential the stream was opened with expires (ms)
+   */
+  _ended(status, expiresAt) {
+    const wasOpen = this.state === 'open' || this.state === 'draining';
     this.call = null;
     this.state = this.closing ? 'closed' : 'down';
     this.sessions.clear();
@@ -203,13 +222,19 @@ class RelayClient {
     const holders = [...this.members];
     for (const holder of holders) holder.sessionId = '';
     if (this.closing) return;
-    const refused = NON_RETRYABLE.has(code);
+    // An open stream ended because the token it was opened with ran out: the next open carries a
+    // fresh one (when the credential renews; a static EDGE_SERVICE_TOKEN is refused then).
+    const expired =
+      wasOpen && code === grpc.status.UNAUTHENTICATED && expiresAt !== undefined && Date.now() >= expiresAt - EXPIRY_SLACK_MS;
+    const refused = NON_RETRYABLE.has(code) && !expired;
     const delay = refused ? this.backoff.max() : this.backoff.next(status);
     const fields = { code: codeName(code), details, sessions: holders.length, attempt: this.backoff.attempt, delay_ms: delay };
-    if (refused) this.log.error(`relay stream refused: ${refusalHint(code)}; retrying slowly`, fields);
+    const hint = refusalHint(code, this.credential.hint);
+    if (refused) this.log.error(`relay stream refused: ${hint}; retrying slowly`, fields);
+    else if (expired) this.log.info('relay stream ended: the service token it was opened with expired; reopening', fields);
     else this.log.warn('relay stream ended; reopening', fields);
     for (const holder of holders) {
-      if (refused) holder.onRelayRefused(code, refusalHint(code));
+      if (refused) holder.onRelayRefused(code, hint);
       else holder.onRelayDown();
     }
     this.timer = setTimeout(() => this._connect(), delay);

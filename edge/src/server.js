@@ -18,6 +18,7 @@ const { IDENTITY_MODES, SettingsError, checkOptions, describe } = require('./set
 const { createDemoHandler } = require('./demo');
 const { healthOf } = require('./health');
 const { parseUserId, decodeJwtPayload } = require('./convert');
+const { ServiceTokenSource } = require('./service-token');
 
 /** A user JWT as a browser may present it: three base64url segments, at most 8 KiB. */
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
@@ -107,6 +108,69 @@ function listen(httpServer, port, host) {
 }
 
 /**
+ * The edge's service identity on its relay streams (see relay.js `credential`): a token it mints
+ * and renews (jwtSecret), a static token (serviceToken), or, against a development-mode service,
+ * `x-presence-service: edge`.
+ */
+function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS, log }) {
+  const bearer = (token) => {
+    const md = new grpc.Metadata();
+    md.set('authorization', `Bearer ${token}`);
+    return md;
+  };
+  if (jwtSecret !== undefined) {
+    const source = new ServiceTokenSource({ secret: jwtSecret, issuer: jwtIssuer, audience: jwtAudience, ttlS: serviceTokenTtlS, log });
+    return {
+      kind: 'minted',
+      open() {
+        const { token, exp } = source.current();
+        return { metadata: bearer(token), expiresAt: exp * 1000 };
+      },
+      hint:
+        'the presence service refused the service token the edge minted with EDGE_JWT_SECRET: it must be the ' +
+        "service's PRESENCE_JWT_SECRET, EDGE_JWT_ISSUER and EDGE_JWT_AUDIENCE must match its PRESENCE_JWT_ISSUER and " +
+        'PRESENCE_JWT_AUDIENCE, EDGE_SERVICE_TOKEN_TTL_S must not exceed its PRESENCE_JWT_MAX_TTL_S, and the clocks must agree',
+      stats: () => source.stats(),
+    };
+  }
+  if (serviceToken) {
+    const claims = decodeJwtPayload(serviceToken);
+    const exp = claims && Number.isSafeInteger(claims.exp) ? claims.exp * 1000 : undefined;
+    const expiresAt = exp === undefined ? null : new Date(exp).toISOString();
+    if (exp !== undefined) {
+      log.warn(
+        `EDGE_SERVICE_TOKEN ${exp > Date.now() ? 'expires' : 'expired'} at ${expiresAt}: the edge cannot renew it, and after that it cannot (re)open its relay ` +
+          'stream. Set EDGE_JWT_SECRET (the service\'s PRESENCE_JWT_SECRET) instead: the edge then mints and renews its own.',
+        { expires_at: expiresAt },
+      );
+    }
+    return {
+      kind: 'static',
+      open: () => ({ metadata: bearer(serviceToken), expiresAt: exp }),
+      hint:
+        'the presence service refused EDGE_SERVICE_TOKEN: it must be a service JWT (role: "service") signed with the ' +
+        `service's key and not expired${expiresAt ? ` (it expires at ${expiresAt})` : ''}; a static token lives at most ` +
+        "PRESENCE_JWT_MAX_TTL_S (24 h by default): set EDGE_JWT_SECRET (the service's PRESENCE_JWT_SECRET) instead, " +
+        'and the edge mints and renews its own',
+      stats: () => ({ source: 'EDGE_SERVICE_TOKEN', expires_at: expiresAt }),
+    };
+  }
+  return {
+    kind: 'none',
+    open() {
+      const md = new grpc.Metadata();
+      md.set('x-presence-service', 'edge');
+      return { metadata: md };
+    },
+    hint:
+      "the presence service refused the edge's service identity: set EDGE_JWT_SECRET to the service's " +
+      'PRESENCE_JWT_SECRET (or EDGE_SERVICE_TOKEN to a service JWT, role: "service"); without either the edge names ' +
+      'itself with x-presence-service: edge, which only a development-mode service accepts',
+    stats: () => ({ source: 'none' }),
+  };
+}
+
+/**
  * Starts the edge in this process: one HTTP server, one socket.io server, one relay stream.
  * @param {object} [options]
  * @param {number} [options.port=3000] 0 = ephemeral
@@ -114,8 +178,15 @@ function listen(httpServer, port, host) {
  *   127.0.0.1, and anything but a loopback address is refused
  * @param {string} [options.target='127.0.0.1:50051'] the presence service
  * @param {'token'|'trust-client'} [options.identity='token']
- * @param {string} [options.serviceToken] the edge's service JWT (required in token mode); unset in
- *   trust-client mode: `x-presence-service: edge`
+ * @param {string} [options.jwtSecret] EDGE_JWT_SECRET: the service's PRESENCE_JWT_SECRET; the edge
+ *   mints and renews its own service token (`sub: "edge"`, `role: "service"`) with it
+ * @param {string} [options.jwtIssuer] EDGE_JWT_ISSUER: `iss` of the minted tokens
+ * @param {string} [options.jwtAudience] EDGE_JWT_AUDIENCE: `aud` of the minted tokens
+ * @param {number} [options.serviceTokenTtlS=900] lifetime of the minted tokens, seconds: 1 to 86400
+ *   here (EDGE_SERVICE_TOKEN_TTL_S: 30 to 86400; shorter lifetimes are for tests)
+ * @param {string} [options.serviceToken] EDGE_SERVICE_TOKEN: a static service JWT, instead of
+ *   jwtSecret (one of them is required in token mode); neither in trust-client mode:
+ *   `x-presence-service: edge`
  * @param {string|string[]} [options.corsOrigins] EDGE_CORS_ORIGINS: browser origins allowed besides
  *   the edge's own (see access.js for the defaults)
  * @param {boolean} [options.demo=false] serve the demo page at /demo/ (EDGE_DEMO=1)
@@ -135,6 +206,10 @@ async function startEdge(options = {}) {
     target = '127.0.0.1:50051',
     identity = 'token',
     serviceToken,
+    jwtSecret,
+    jwtIssuer,
+    jwtAudience,
+    serviceTokenTtlS,
     corsOrigins,
     demo = false,
     backoff,
@@ -144,7 +219,8 @@ async function startEdge(options = {}) {
     log = createLogger(),
     cluster,
   } = options;
-  const { bind, origins } = checkOptions({ identity, host, serviceToken, corsOrigins });
+  const { bind, origins } = checkOptions({ identity, host, serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS, corsOrigins });
+  const credential = serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS, log });
   const proto = loadPresenceProto();
   const bindings = new Set();
   const counters = { emitted: 0, dropped: 0 };
@@ -167,12 +243,7 @@ async function startEdge(options = {}) {
     log,
     backoff,
     onDelivery: createFanOut(io, counters),
-    metadata() {
-      const md = new grpc.Metadata();
-      if (serviceToken) md.set('authorization', `Bearer ${serviceToken}`);
-      else md.set('x-presence-service', 'edge');
-      return md;
-    },
+    credential,
   });
   const edge = { identity, log, relay, bindings, backoff, statusRate, commandRate, requestTimeoutMs };
 
@@ -196,6 +267,7 @@ async function startEdge(options = {}) {
       sessions,
       ready,
       relay: relay.stats(),
+      service_credential: credential.stats(),
       emitted: counters.emitted,
       dropped: counters.dropped,
       rss: process.memoryUsage.rss(),
@@ -235,7 +307,7 @@ async function startEdge(options = {}) {
     host: address.address,
     target,
     identity,
-    service_token: Boolean(serviceToken),
+    service_credential: credential.kind,
     origins: origins.summary,
     demo: Boolean(demo),
   });

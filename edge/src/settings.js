@@ -6,6 +6,7 @@
 const os = require('node:os');
 const { SettingsError, bindHost, createOriginPolicy } = require('./access');
 const { createLogger, LEVELS } = require('./log');
+const { secretProblem, DEFAULT_TTL_S, MIN_TTL_S, MAX_TTL_S } = require('./service-token');
 
 const IDENTITY_MODES = Object.freeze(['token', 'trust-client']);
 const FLAGS = Object.freeze({ '': false, 0: false, false: false, 1: true, true: true });
@@ -26,21 +27,78 @@ function describe(value) {
   }
 }
 
-/** Checks what startEdge needs before it listens: { bind, origins }, or throws a SettingsError. */
-function checkOptions({ identity, host, serviceToken, corsOrigins }) {
-  if (!IDENTITY_MODES.includes(identity)) {
-    throw new SettingsError(`EDGE_IDENTITY: identity must be one of ${IDENTITY_MODES.join(', ')}; got ${describe(identity)}`);
-  }
+/**
+ * The edge's service credential for its relay streams: EDGE_JWT_SECRET (the edge mints and renews
+ * its own service token; EDGE_JWT_ISSUER, EDGE_JWT_AUDIENCE, EDGE_SERVICE_TOKEN_TTL_S go with it)
+ * or EDGE_SERVICE_TOKEN (a static service JWT), never both; one of them in token mode.
+ */
+function checkCredential({ identity, serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS }) {
   if (serviceToken !== undefined && (typeof serviceToken !== 'string' || !HEADER_VALUE.test(serviceToken) || !serviceToken.trim())) {
     throw new SettingsError('EDGE_SERVICE_TOKEN must be printable ASCII (it is sent as a gRPC header)');
   }
-  if (identity === 'token' && !serviceToken) {
+  if (jwtSecret !== undefined) {
+    const problem = secretProblem(jwtSecret);
+    if (problem) {
+      throw new SettingsError(
+        `EDGE_JWT_SECRET ${problem}: it must be the presence service's PRESENCE_JWT_SECRET, which the service ` +
+          'only accepts with at least 32 bytes and 8 distinct characters',
+      );
+    }
+    if (serviceToken) {
+      throw new SettingsError(
+        'EDGE_JWT_SECRET and EDGE_SERVICE_TOKEN are both set: set one (EDGE_JWT_SECRET: the edge mints and renews its own service token)',
+      );
+    }
+  } else {
+    const orphans = [
+      ['EDGE_JWT_ISSUER', jwtIssuer],
+      ['EDGE_JWT_AUDIENCE', jwtAudience],
+      ['EDGE_SERVICE_TOKEN_TTL_S', serviceTokenTtlS],
+    ].filter(([, v]) => v !== undefined);
+    if (orphans.length) {
+      throw new SettingsError(`${orphans.map(([name]) => name).join(', ')}: only used with EDGE_JWT_SECRET, which is not set`);
+    }
+  }
+  for (const [name, value] of [
+    ['EDGE_JWT_ISSUER', jwtIssuer],
+    ['EDGE_JWT_AUDIENCE', jwtAudience],
+  ]) {
+    if (value !== undefined && (typeof value !== 'string' || !value)) throw new SettingsError(`${name} must be a non-empty string`);
+  }
+  // 1 s and up in code (tests); EDGE_SERVICE_TOKEN_TTL_S is checked against MIN_TTL_S in readSettings.
+  if (serviceTokenTtlS !== undefined && !(Number.isInteger(serviceTokenTtlS) && serviceTokenTtlS >= 1 && serviceTokenTtlS <= MAX_TTL_S)) {
+    throw new SettingsError(`EDGE_SERVICE_TOKEN_TTL_S must be a whole number of seconds up to ${MAX_TTL_S}; got ${describe(serviceTokenTtlS)}`);
+  }
+  if (identity === 'token' && !serviceToken && jwtSecret === undefined) {
     throw new SettingsError(
-      'EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN: a service JWT (role: "service") for the edge\'s relay stream. ' +
+      'EDGE_IDENTITY=token needs EDGE_JWT_SECRET or EDGE_SERVICE_TOKEN for the edge\'s relay stream: EDGE_JWT_SECRET = the ' +
+        "presence service's PRESENCE_JWT_SECRET (the edge mints and renews its own service token), or EDGE_SERVICE_TOKEN = " +
+        'a service JWT (role: "service"), which the edge cannot renew. ' +
         "Each browser's own token is still verified by the presence service, per session.",
     );
   }
+}
+
+/** Checks what startEdge needs before it listens: { bind, origins }, or throws a SettingsError. */
+function checkOptions({ identity, host, serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS, corsOrigins }) {
+  if (!IDENTITY_MODES.includes(identity)) {
+    throw new SettingsError(`EDGE_IDENTITY: identity must be one of ${IDENTITY_MODES.join(', ')}; got ${describe(identity)}`);
+  }
+  checkCredential({ identity, serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS });
   return { bind: bindHost(identity, host), origins: createOriginPolicy({ identity, origins: corsOrigins }) };
+}
+
+/** EDGE_SERVICE_TOKEN_TTL_S: MIN_TTL_S to MAX_TTL_S seconds; undefined when unset. */
+function serviceTokenTtl(env, fail) {
+  const text = (env.EDGE_SERVICE_TOKEN_TTL_S || '').trim();
+  if (!text) return undefined;
+  if (!(/^\d+$/.test(text) && Number(text) >= MIN_TTL_S && Number(text) <= MAX_TTL_S)) {
+    fail(
+      `EDGE_SERVICE_TOKEN_TTL_S must be a whole number of seconds from ${MIN_TTL_S} to ${MAX_TTL_S} ` +
+        `(at most the service's PRESENCE_JWT_MAX_TTL_S; unset: ${DEFAULT_TTL_S}); got ${text}`,
+    );
+  }
+  return Number(text);
 }
 
 /** EDGE_CORS_ORIGINS, or the deprecated EDGE_CORS_ORIGIN (same meaning) when only that is set. */
@@ -93,6 +151,11 @@ function readSettings(env, { logBase } = {}) {
     target: env.PRESENCE_TARGET || '127.0.0.1:50051',
     identity,
     serviceToken: env.EDGE_SERVICE_TOKEN || undefined,
+    // Not trimmed: the secret is the service's byte for byte.
+    jwtSecret: env.EDGE_JWT_SECRET || undefined,
+    jwtIssuer: env.EDGE_JWT_ISSUER || undefined,
+    jwtAudience: env.EDGE_JWT_AUDIENCE || undefined,
+    serviceTokenTtlS: serviceTokenTtl(env, fail),
     corsOrigins: corsOrigins(env, warnings),
     demo: FLAGS[demoText],
     workers: workersText ? Number(workersText) : cpuCount(),
@@ -107,4 +170,4 @@ function readSettings(env, { logBase } = {}) {
   return settings;
 }
 
-module.exports = { IDENTITY_MODES, HEADER_VALUE, SettingsError, checkOptions, readSettings, cpuCount, describe };
+module.exports = { IDENTITY_MODES, HEADER_VALUE, SettingsError, checkOptions, checkCredential, readSettings, cpuCount, describe };

@@ -179,9 +179,9 @@ test('token bucket and backoff', () => {
   assert.ok(delays[7] >= 500, String(delays));
 });
 
-test('startEdge refuses an unknown identity mode, and token mode without a service token', async () => {
+test('startEdge refuses an unknown identity mode, and token mode without a service credential', async () => {
   await assert.rejects(startEdge({ port: 0, identity: 'trust-everyone' }), /identity must be one of/);
-  await assert.rejects(startEdge({ port: 0, identity: 'token' }), /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/);
+  await assert.rejects(startEdge({ port: 0, identity: 'token' }), /EDGE_IDENTITY=token needs EDGE_JWT_SECRET or EDGE_SERVICE_TOKEN/);
 });
 
 test('npm start: EDGE_PORT=0 prints `edge listening on PORT`, SIGTERM stops it cleanly', async () => {
@@ -271,8 +271,8 @@ test('npm start: unsafe or broken access settings exit with a message naming the
     [{ EDGE_IDENTITY: 'trust-client', EDGE_HOST: '0.0.0.0' }, /EDGE_HOST=0\.0\.0\.0 is not a loopback address.*EDGE_IDENTITY=trust-client/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_CORS_ORIGINS: '*' }, /EDGE_CORS_ORIGINS='\*'/],
     [{ EDGE_CORS_ORIGINS: 'example.com', EDGE_SERVICE_TOKEN: 'svc' }, /EDGE_CORS_ORIGINS: "example\.com" is not an origin/],
-    [{ EDGE_IDENTITY: 'token' }, /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/],
-    [{}, /EDGE_IDENTITY=token needs EDGE_SERVICE_TOKEN/],
+    [{ EDGE_IDENTITY: 'token' }, /EDGE_IDENTITY=token needs EDGE_JWT_SECRET or EDGE_SERVICE_TOKEN/],
+    [{}, /EDGE_IDENTITY=token needs EDGE_JWT_SECRET or EDGE_SERVICE_TOKEN/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: '0' }, /EDGE_WORKERS must be a whole number from 1 to 64/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKERS: 'many' }, /EDGE_WORKERS must be a whole number/],
     [{ EDGE_IDENTITY: 'trust-client', EDGE_WORKER_SEMI_SPACE_MB: '-1' }, /EDGE_WORKER_SEMI_SPACE_MB must be a whole number of megabytes/],

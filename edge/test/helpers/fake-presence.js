@@ -14,19 +14,21 @@ const { loadPresenceProto } = require('../../src/proto');
  *   Unscripted users are welcomed.
  * @param {number} [o.refuseStream] end every relay stream at once with this code
  * @param {boolean} [o.answer=true] answer get_presence (every id offline, version 1)
- * @returns {Promise<object>} { target, opens(userId), streams(), commands, session(userId), setAnswer(bool), send(msg), stop() }
+ * @returns {Promise<object>} { target, opens(userId), streams(), authorizations, commands, session(userId), setAnswer(bool), send(msg), endStream(code), stop() }
  */
 async function startFakePresence({ sessions: script = {}, refuseStream, answer = true } = {}) {
   const opens = new Map();
   const commands = [];
   const live = new Map(); // user id → latest session id
   let streams = 0;
+  const authorizations = []; // each stream's authorization metadata (undefined: none)
   let current = null;
   const state = { answer };
   const server = new grpc.Server();
   server.addService(loadPresenceProto().RelayService.service, {
     Relay(call) {
       streams += 1;
+      authorizations.push(call.metadata.get('authorization')[0]);
       call.on('error', () => {}); // the edge cancelling is fine
       if (refuseStream) {
         call.emit('error', { code: refuseStream, details: `scripted ${grpc.status[refuseStream]}` });
@@ -73,6 +75,7 @@ async function startFakePresence({ sessions: script = {}, refuseStream, answer =
     target: `127.0.0.1:${port}`,
     opens: (userId) => opens.get(String(userId)) || 0,
     streams: () => streams,
+    authorizations,
     commands,
     /** The session id of `userId`'s latest open. */
     session: (userId) => live.get(String(userId)),
@@ -82,6 +85,8 @@ async function startFakePresence({ sessions: script = {}, refuseStream, answer =
     },
     /** Writes a RelayResponse on the latest stream. */
     send: (msg) => current.write(msg),
+    /** Ends the latest stream with `code` (as the service would, e.g. UNAUTHENTICATED). */
+    endStream: (code, details = `scripted ${grpc.status[code]}`) => current.emit('error', { code, details }),
     stop: () => new Promise((resolve) => server.tryShutdown(() => resolve())),
   };
 }
