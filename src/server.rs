@@ -43,6 +43,15 @@ pub struct Application {
 /// Opens the store named by the URL and migrates it, retrying while the database is
 /// unreachable (saying so each time) instead of crash-looping silently.
 pub async fn open_store(url: &SecretUrl) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_within(url, None).await
+}
+
+/// [`open_store`], giving up after `patience` (one-shot commands such as `migrate` must end).
+pub async fn open_store_within(
+    url: &SecretUrl,
+    patience: Option<Duration>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(500);
     loop {
         let attempt = async {
@@ -61,6 +70,12 @@ pub async fn open_store(url: &SecretUrl) -> anyhow::Result<Arc<dyn Store>> {
             }
             Err(e @ store::StoreError::Migrate(_)) => {
                 return Err(e).context("database migration failed");
+            }
+            Err(e) if patience.is_some_and(|p| started.elapsed() + delay > p) => {
+                return Err(e).context(format!(
+                    "the database did not answer within {:?}",
+                    patience.unwrap_or_default()
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database unavailable at start-up; retrying");

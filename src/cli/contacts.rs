@@ -3,12 +3,12 @@ use std::io::BufRead;
 use std::process::ExitCode;
 
 use crate::domain::UserId;
-use crate::server::open_store;
+use crate::server::open_store_within;
 use crate::settings::SecretUrl;
 use crate::store::MAX_ROWS_PER_STATEMENT;
 
 pub async fn import(file: &str, database_url: &SecretUrl) -> anyhow::Result<ExitCode> {
-    let store = open_store(database_url).await?;
+    let store = open_store_within(database_url, Some(super::ONE_SHOT_PATIENCE)).await?;
     let reader: Box<dyn BufRead> = if file == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {

@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::domain::UserId;
-use crate::server::{Application, open_store};
+use crate::server::{Application, open_store_within};
+
+/// How long one-shot commands (`migrate`, `contacts import`) wait for the database.
+const ONE_SHOT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::settings::{Secret, SecretUrl, Settings, SettingsError, file};
 use crate::telemetry::{self, LogFormat};
 
@@ -155,7 +158,7 @@ async fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(settings) => serve(*settings).await,
         Command::Migrate { database_url } => {
-            open_store(&database_url).await?;
+            open_store_within(&database_url, Some(ONE_SHOT_PATIENCE)).await?;
             eprintln!("database is migrated");
             Ok(ExitCode::SUCCESS)
         }

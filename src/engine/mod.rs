@@ -195,6 +195,8 @@ struct Shared {
     next_report: AtomicU64,
     /// Every open subscriber, so shutdown can end them all.
     subscribers: Mutex<HashMap<u64, Weak<Subscriber>>>,
+    /// Every relay stream's queue, so shutdown can end those streams too.
+    relay_queues: Mutex<Vec<Weak<RelayQueue>>>,
     shutting_down: AtomicBool,
     /// False while the last write to the store failed: health reports the degradation.
     store_ok: AtomicBool,
@@ -249,6 +251,7 @@ impl Engine {
                 next_grace_token: AtomicU64::new(1),
                 next_report: AtomicU64::new(1),
                 subscribers: Mutex::new(HashMap::new()),
+                relay_queues: Mutex::new(Vec::new()),
                 shutting_down: AtomicBool::new(false),
                 store_ok: AtomicBool::new(true),
                 counters: Counters::default(),
@@ -327,12 +330,24 @@ impl Engine {
         }
     }
 
-    /// A new relay stream's shared queue.
+    /// A new relay stream's shared queue (ended at once when the server is shutting down).
     pub fn relay_queue(&self) -> Arc<RelayQueue> {
-        RelayQueue::new(
+        let queue = RelayQueue::new(
             self.shared.config.relay_queue_capacity,
             self.shared.batcher.clone(),
-        )
+        );
+        let mut all = self
+            .shared
+            .relay_queues
+            .lock()
+            .expect("relay queues lock poisoned");
+        all.retain(|q| q.strong_count() > 0);
+        all.push(Arc::downgrade(&queue));
+        drop(all);
+        if self.is_shutting_down() {
+            queue.close_for_shutdown();
+        }
+        queue
     }
 
     /// The id a device's welcome names its connection by, unique across runs and nodes.

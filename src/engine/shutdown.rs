@@ -26,6 +26,17 @@ impl Engine {
         for s in subs {
             s.end(EndReason::Shutdown);
         }
+        let relays: Vec<_> = self
+            .shared
+            .relay_queues
+            .lock()
+            .expect("relay queues lock poisoned")
+            .drain(..)
+            .filter_map(|q| q.upgrade())
+            .collect();
+        for q in relays {
+            q.close_for_shutdown();
+        }
     }
 
     /// Last step of shutdown: pending graces end now, devices whose streams are still open are

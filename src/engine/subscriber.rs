@@ -382,6 +382,8 @@ struct RelayInner {
     compact_at: usize,
     capacity: usize,
     ended: bool,
+    /// Ended by the server's shutdown (not by the proxy closing its side).
+    shutdown: bool,
 }
 
 impl RelayQueue {
@@ -394,6 +396,7 @@ impl RelayQueue {
                 compact_at: capacity,
                 capacity,
                 ended: false,
+                shutdown: false,
             }),
             batcher,
         })
@@ -448,13 +451,31 @@ impl RelayQueue {
         Poll::Ready(Some(q.items.drain(..n).collect()))
     }
 
-    /// Ends the stream after what is queued.
+    /// Ends the stream after what is queued: the proxy closed its side.
     pub fn close(&self) {
+        self.end(false);
+    }
+
+    /// Ends the stream because the server shuts down.
+    pub(crate) fn close_for_shutdown(&self) {
+        self.end(true);
+    }
+
+    fn end(&self, shutdown: bool) {
         let mut q = self.inner.lock().expect("relay queue lock poisoned");
         q.ended = true;
+        q.shutdown |= shutdown;
         if let Some(w) = q.waker.take() {
             w.wake();
         }
+    }
+
+    /// Whether the server's shutdown ended it.
+    pub fn ended_by_shutdown(&self) -> bool {
+        self.inner
+            .lock()
+            .expect("relay queue lock poisoned")
+            .shutdown
     }
 
     pub fn queued(&self) -> usize {

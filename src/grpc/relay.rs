@@ -88,6 +88,7 @@ impl pb::relay_service_server::RelayService for RelayService {
             results: results_rx,
             ready: VecDeque::new(),
             done: false,
+            results_done: false,
         })))
     }
 }
@@ -129,7 +130,18 @@ struct Inbound {
 impl Inbound {
     async fn run(mut self, mut inbound: Streaming<pb::RelayRequest>) {
         let (opened_tx, mut opened_rx) = mpsc::unbounded_channel::<Opened>();
+        // The proxy closed its side: sessions still opening get their welcome (or refusal),
+        // then the stream ends, cleanly, and its sessions with it.
+        let mut half_closed = false;
         loop {
+            if half_closed
+                && !self
+                    .sessions
+                    .values()
+                    .any(|s| matches!(s, Session::Opening { .. }))
+            {
+                break;
+            }
             let next_expiry = self.expiries.first().map(|(at, _)| *at);
             let expiry = async {
                 match next_expiry {
@@ -141,18 +153,22 @@ impl Inbound {
                 }
             };
             tokio::select! {
-                msg = inbound.message() => match msg {
+                msg = inbound.message(), if !half_closed => match msg {
                     Ok(Some(m)) => {
                         if let Some(cmd) = m.kind {
                             self.command(cmd, &opened_tx).await;
                         }
                     }
+                    Ok(None) => half_closed = true,
                     // The proxy went away: every session goes with it (each a device leaving,
                     // with the grace).
-                    Ok(None) | Err(_) => break,
+                    Err(_) => break,
                 },
                 Some(opened) = opened_rx.recv() => self.opened(opened, &opened_tx).await,
                 _ = expiry => self.expire_sessions().await,
+                // The response side is done (the server ends the stream, or the proxy reset
+                // it): the request side is let go too, so the connection can close.
+                _ = self.results.closed() => break,
             }
             if self.results.is_closed() {
                 break;
@@ -471,40 +487,50 @@ struct Outbound {
     results: mpsc::Receiver<pb::RelayResponse>,
     /// Messages built from the last drained batch, not yet sent.
     ready: VecDeque<pb::RelayResponse>,
+    /// The queue ended (and was drained).
     done: bool,
+    /// Every sender of results is gone (the command loop and the reads it started).
+    results_done: bool,
 }
 
 impl Stream for Outbound {
     type Item = Result<pb::RelayResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(msg) = self.ready.pop_front() {
-            return Poll::Ready(Some(Ok(msg)));
-        }
-        if let Poll::Ready(Some(msg)) = self.results.poll_recv(cx) {
-            return Poll::Ready(Some(Ok(msg)));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.queue.poll_drain(cx, DRAIN) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(Some(Err(ApiError::Engine(
-                    crate::engine::EngineError::ShuttingDown,
-                )
-                .into())))
+        loop {
+            if let Some(msg) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(msg)));
             }
-            Poll::Ready(Some(batch)) => {
-                let messages = batch_messages(batch);
-                self.ready.extend(messages);
-                match self.ready.pop_front() {
-                    Some(msg) => Poll::Ready(Some(Ok(msg))),
-                    None => {
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
+            if !self.results_done {
+                match self.results.poll_recv(cx) {
+                    Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
+                    Poll::Ready(None) => self.results_done = true,
+                    Poll::Pending => {}
+                }
+            }
+            if self.done {
+                // A clean end once the answers still being read are out.
+                return if self.results_done {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                };
+            }
+            match self.queue.poll_drain(cx, DRAIN) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    if self.queue.ended_by_shutdown() {
+                        self.results_done = true;
+                        return Poll::Ready(Some(Err(ApiError::Engine(
+                            crate::engine::EngineError::ShuttingDown,
+                        )
+                        .into())));
                     }
+                }
+                Poll::Ready(Some(batch)) => {
+                    let messages = batch_messages(batch);
+                    self.ready.extend(messages);
                 }
             }
         }

@@ -288,8 +288,15 @@ impl Settings {
     /// development mode only on loopback), the database and Redis URLs. Fails naming the setting.
     pub fn check(&self) -> Result<Checked, SettingsError> {
         let keys = self.keys()?;
-        let verifier =
-            Verifier::from_keys(&keys).map_err(|e| SettingsError::new("PRESENCE_JWT_SECRET", e))?;
+        // Its messages name the key setting at fault (secret or public key).
+        let verifier = Verifier::from_keys(&keys).map_err(|e| {
+            let setting = if e.contains("PRESENCE_JWT_PUBLIC_KEY") {
+                "PRESENCE_JWT_PUBLIC_KEY"
+            } else {
+                "PRESENCE_JWT_SECRET"
+            };
+            SettingsError::new(setting, e)
+        })?;
         if verifier.is_development() && !self.listen.ip().is_loopback() {
             return Err(SettingsError::new(
                 "PRESENCE_LISTEN",

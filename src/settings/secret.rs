@@ -49,25 +49,23 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with the password of each `user:password@` part replaced by `***`.
+    /// The URL with the password of its `user:password@` part replaced by `***`. Lenient on
+    /// purpose (a password may hold `/`, a URL may lack its `//`): the userinfo is whatever lies
+    /// between the scheme and the last `@`.
     pub fn redacted(&self) -> String {
         let url = &self.0;
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        let (Some(scheme_end), Some(at)) = (url.find(':'), url.rfind('@')) else {
             return url.clone();
         };
-        // Several hosts may follow (`redis+cluster://a:p@h1,h2`): the userinfo ends at the
-        // last '@' before the path.
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        match (authority.rfind('@'), authority.find(':')) {
-            (Some(at), Some(colon)) if colon < at => format!(
-                "{}{}:***{}",
-                &url[..scheme_end],
-                &authority[..colon],
-                &rest[at..]
-            ),
-            _ => url.clone(),
+        if at < scheme_end {
+            return url.clone();
+        }
+        let start = scheme_end + 1 + url[scheme_end + 1..].len()
+            - url[scheme_end + 1..].trim_start_matches('/').len();
+        let userinfo = &url[start..at];
+        match userinfo.find(':') {
+            Some(colon) => format!("{}{}:***{}", &url[..start], &userinfo[..colon], &url[at..]),
+            None => url.clone(),
         }
     }
 }
@@ -124,6 +122,16 @@ mod tests {
                 "redis+cluster://u:hunter2@h1:1,h2:2",
                 "redis+cluster://u:***@h1:1,h2:2",
             ),
+            (
+                "mysql:/app:hunter2@db/presence",
+                "mysql:/app:***@db/presence",
+            ),
+            ("redis:/:hunter2@cache", "redis:/:***@cache"),
+            (
+                "postgres://app:hun/ter2hunter2@db/p",
+                "postgres://app:***@db/p",
+            ),
+            ("mysql://app:p@ss:hunter2@db/p", "mysql://app:***@db/p"),
         ];
         for (url, shown) in cases {
             let u = SecretUrl::from(url);

@@ -396,3 +396,85 @@ async fn a_session_opened_with_a_user_token_ends_when_it_expires_and_the_others_
         .await;
     assert_eq!(refused.code, Code::Unauthenticated as i32);
 }
+
+#[tokio::test]
+async fn a_proxy_closing_its_side_gets_every_pending_answer_then_a_clean_end() {
+    let app = spawn_app(|_| {}).await;
+    app.add_contacts(&[(X, W)]).await;
+    let relay = Relay::open(&app, &service()).await.unwrap();
+    relay.open_session(1, X).await;
+    relay.open_session(2, W).await;
+    // Waits in session 1 until it is open.
+    relay
+        .send(Cmd::GetPresence(pb::RelayGetPresence {
+            session_id: 1,
+            request_id: 7,
+            user_ids: vec![W],
+        }))
+        .await;
+    let Relay { tx, mut rx, .. } = relay;
+    drop(tx);
+    let mut welcomed = Vec::new();
+    let mut answered = false;
+    loop {
+        let msg = tokio::time::timeout(WAIT, rx.next())
+            .await
+            .expect("the stream ends within the wait");
+        match msg {
+            None => break,
+            Some(Err(status)) => {
+                panic!("a half-closed relay stream ends cleanly, not with {status:?}")
+            }
+            Some(Ok(m)) => match m.kind {
+                Some(Out::Welcome(w)) if w.welcome.as_ref().is_some_and(|w| w.last_page) => {
+                    welcomed.push(w.session_id)
+                }
+                Some(Out::Result(r)) if r.request_id == 7 => answered = true,
+                _ => {}
+            },
+        }
+    }
+    welcomed.sort_unstable();
+    assert_eq!(welcomed, [1, 2], "sessions still opening got their welcome");
+    assert!(
+        answered,
+        "the read waiting behind the opening session was answered"
+    );
+    let w = app.device(&user(W)).await;
+    assert_eq!(
+        w.contact(X).status(),
+        Offline,
+        "the stream's sessions went with it"
+    );
+}
+
+#[tokio::test]
+async fn a_server_shutting_down_ends_relay_streams_as_unavailable() {
+    let mut app = spawn_app(|s| s.shutdown_deadline_s = 10).await;
+    let mut relay = Relay::open(&app, &service()).await.unwrap();
+    relay.open_session(1, X).await;
+    relay.welcomes(&[1]).await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+    });
+    let status = loop {
+        match tokio::time::timeout(WAIT, relay.rx.next())
+            .await
+            .expect("the stream ends within the wait")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => {
+                panic!("the stream must end with UNAVAILABLE, so the proxy reconnects elsewhere")
+            }
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    stopping.await.expect("the server stops");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the relay stream does not hold the shutdown to its deadline: {:?}",
+        started.elapsed()
+    );
+}
