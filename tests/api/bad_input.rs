@@ -1,45 +1,351 @@
-//! Bad input gets a clear error and changes nothing. Each test checks the code and then that
-//! nothing changed: the next event a contact sees is the one of a later, valid change (its
-//! version one above the last), or the state read back is the same.
+//! Bad input gets a clear error and changes nothing. One table of refused calls, each checked
+//! for its code and for the words its message must hold (what was wrong), then one check that
+//! nothing changed: the next event a contact sees is a later, valid change (its version one
+//! above the last), and contacts, privacy and streams are as they were. Bad messages on an open
+//! device stream, which end that stream, have tests of their own.
 use presence::pb::{
     self,
-    Status::{Away, Busy, Online},
+    Status::{Away, Busy},
 };
 use tonic::Code;
 
 use crate::helpers::*;
 
+/// One refused call: what it was, the code and the words its message must hold, and what the
+/// server answered.
+struct Refusal {
+    why: &'static str,
+    code: Code,
+    words: &'static [&'static str],
+    got: Result<(), tonic::Status>,
+}
+
+/// Awaits a call and records it as a row of the table.
+macro_rules! row {
+    ($rows:ident, $why:expr, $code:expr, $words:expr, $call:expr) => {
+        $rows.push(Refusal {
+            why: $why,
+            code: $code,
+            words: $words,
+            got: $call.await.map(|_| ()),
+        })
+    };
+}
+
+fn pair(user_id: u64, contact_id: u64) -> pb::ContactPair {
+    pb::ContactPair {
+        user_id,
+        contact_id,
+    }
+}
+
+fn privacy(online: i32, last_seen: i32) -> pb::SetPrivacyRequest {
+    pb::SetPrivacyRequest {
+        settings: Some(pb::PrivacySettings {
+            online,
+            last_seen,
+            approximate_last_seen: None,
+        }),
+    }
+}
+
+fn list(user_id: u64) -> pb::ListContactsRequest {
+    pb::ListContactsRequest {
+        user_id,
+        page_size: 0,
+        page_token: String::new(),
+    }
+}
+
 #[tokio::test]
-async fn unspecified_and_unknown_statuses_are_refused_and_change_nothing() {
+async fn every_bad_request_is_refused_naming_what_was_wrong_and_changes_nothing() {
     let app = spawn_app(|_| {}).await;
-    app.add_contacts(&[(1, 2)]).await;
+    app.add_contacts(&[(1, 2), (3, 4)]).await;
     let mut contact = app.device(&user(2)).await;
     let _phone = app.device(&user(1)).await;
     let online = contact.next_update().await;
+    let (me, nobody, svc) = (user(1), anonymous(), service());
+    let (presence, contacts) = (app.presence(), app.contacts());
+    let open = |caller: &Caller, first: pb::ClientMessage| {
+        let caller = caller.clone();
+        let app = &app;
+        async move { open_stream(app, &caller, vec![first]).await.0.map(|_| ()) }
+    };
+    let watch = |caller: &Caller, ids: &'static [u64]| {
+        let caller = caller.clone();
+        let app = &app;
+        async move { Watcher::open(app, &caller, ids).await.map(|_| ()) }
+    };
+    let mut rows: Vec<Refusal> = Vec::new();
 
-    let unspecified = app
-        .update_status_raw(&user(1), pb::Status::Unspecified as i32)
-        .await;
-    assert_refused(
-        unspecified,
+    // Values.
+    row!(
+        rows,
+        "STATUS_UNSPECIFIED is no status",
         Code::InvalidArgument,
         &["STATUS_UNSPECIFIED"],
-        "STATUS_UNSPECIFIED is no status",
+        app.update_status_raw(&me, pb::Status::Unspecified as i32)
     );
-    let unknown = app.update_status_raw(&user(1), 42).await;
-    assert_refused(
-        unknown,
+    row!(
+        rows,
+        "an unknown status value is named",
         Code::InvalidArgument,
         &["42"],
-        "an unknown enum value is refused, naming it",
+        app.update_status_raw(&me, 42)
+    );
+    row!(
+        rows,
+        "id 0 in GetPresence, naming the entry",
+        Code::InvalidArgument,
+        &["user_ids[1]"],
+        app.get_presence(&me, &[1, 0])
+    );
+    row!(
+        rows,
+        "id 0 in WatchContacts",
+        Code::InvalidArgument,
+        &["user_ids"],
+        watch(&svc, &[0])
+    );
+    row!(
+        rows,
+        "user 0 is no identity",
+        Code::Unauthenticated,
+        &[],
+        app.update_status(&user(0), Busy)
+    );
+    row!(
+        rows,
+        "a pair with user 0",
+        Code::InvalidArgument,
+        &["pairs[0]"],
+        contacts
+            .clone()
+            .add_contacts(svc.request(pb::AddContactsRequest {
+                pairs: vec![pair(0, 5)]
+            }))
+    );
+    row!(
+        rows,
+        "listing user 0",
+        Code::InvalidArgument,
+        &["user_id"],
+        contacts.clone().list_contacts(svc.request(list(0)))
+    );
+    row!(
+        rows,
+        "a self pair, naming the entry (the valid pair of the request is not added)",
+        Code::InvalidArgument,
+        &["pairs[1]"],
+        contacts
+            .clone()
+            .add_contacts(svc.request(pb::AddContactsRequest {
+                pairs: vec![pair(5, 6), pair(7, 7)]
+            }))
+    );
+    for (online_v, last_seen_v, word) in [
+        (0, 1, "VISIBILITY_UNSPECIFIED"),
+        (1, 0, "VISIBILITY_UNSPECIFIED"),
+        (42, 1, "42"),
+        (1, 42, "42"),
+    ] {
+        let why = match (online_v, word) {
+            (0, _) => "an unspecified online visibility",
+            (1, "42") => "an unknown last_seen visibility",
+            (1, _) => "an unspecified last_seen visibility",
+            _ => "an unknown online visibility",
+        };
+        let words: &'static [&'static str] = if word == "42" {
+            &["42"]
+        } else {
+            &["VISIBILITY_UNSPECIFIED"]
+        };
+        row!(
+            rows,
+            why,
+            Code::InvalidArgument,
+            words,
+            presence
+                .clone()
+                .set_privacy(me.request(privacy(online_v, last_seen_v)))
+        );
+    }
+    row!(
+        rows,
+        "privacy settings are required",
+        Code::InvalidArgument,
+        &["settings"],
+        presence
+            .clone()
+            .set_privacy(me.request(pb::SetPrivacyRequest { settings: None }))
     );
 
-    app.update_status(&user(1), Away).await.unwrap();
+    // Streams that do not start with hello.
+    row!(
+        rows,
+        "a ping before hello",
+        Code::FailedPrecondition,
+        &["hello"],
+        open(&user(7), ping(1))
+    );
+    row!(
+        rows,
+        "a status before hello",
+        Code::FailedPrecondition,
+        &["hello"],
+        open(&user(7), status_message(Busy as i32))
+    );
+
+    // Who may call what.
+    row!(
+        rows,
+        "Authenticate without identity",
+        Code::Unauthenticated,
+        &[],
+        open(&nobody, hello("phone"))
+    );
+    row!(
+        rows,
+        "UpdateStatus without identity",
+        Code::Unauthenticated,
+        &[],
+        app.update_status(&nobody, Busy)
+    );
+    row!(
+        rows,
+        "GetPresence without identity",
+        Code::Unauthenticated,
+        &[],
+        app.get_presence(&nobody, &[1])
+    );
+    row!(
+        rows,
+        "WatchContacts without identity",
+        Code::Unauthenticated,
+        &[],
+        watch(&nobody, &[1])
+    );
+    row!(
+        rows,
+        "RemoveContacts without identity",
+        Code::Unauthenticated,
+        &[],
+        contacts
+            .clone()
+            .remove_contacts(nobody.request(pb::RemoveContactsRequest {
+                pairs: vec![pair(1, 2)]
+            }))
+    );
+    row!(
+        rows,
+        "GetStats without identity",
+        Code::Unauthenticated,
+        &[],
+        presence
+            .clone()
+            .get_stats(nobody.request(pb::GetStatsRequest {}))
+    );
+    row!(
+        rows,
+        "GetStats is for services",
+        Code::PermissionDenied,
+        &[],
+        presence
+            .clone()
+            .get_stats(me.request(pb::GetStatsRequest {}))
+    );
+    row!(
+        rows,
+        "a user cannot add contacts, not even their own",
+        Code::PermissionDenied,
+        &[],
+        contacts
+            .clone()
+            .add_contacts(me.request(pb::AddContactsRequest {
+                pairs: vec![pair(1, 9)]
+            }))
+    );
+    row!(
+        rows,
+        "a user cannot remove contacts",
+        Code::PermissionDenied,
+        &[],
+        contacts
+            .clone()
+            .remove_contacts(me.request(pb::RemoveContactsRequest {
+                pairs: vec![pair(3, 4)]
+            }))
+    );
+    row!(
+        rows,
+        "a user cannot list anyone's contacts",
+        Code::PermissionDenied,
+        &[],
+        contacts.clone().list_contacts(me.request(list(3)))
+    );
+    row!(
+        rows,
+        "UpdateStatus needs a user",
+        Code::FailedPrecondition,
+        &["x-presence-user-id"],
+        app.update_status(&svc, Busy)
+    );
+    row!(
+        rows,
+        "Authenticate needs a user",
+        Code::FailedPrecondition,
+        &["x-presence-user-id"],
+        open(&svc, hello("edge"))
+    );
+    row!(
+        rows,
+        "a service has no contacts to watch",
+        Code::InvalidArgument,
+        &["user_ids"],
+        watch(&svc, &[])
+    );
+
+    for r in rows {
+        assert_refused(r.got, r.code, r.words, r.why);
+    }
+
+    // Nothing changed.
+    assert_eq!(
+        app.contacts_of(1).await,
+        vec![2],
+        "(1, 2) is still there, (1, 9) was not added"
+    );
+    assert_eq!(app.contacts_of(3).await, vec![4], "(3, 4) was not removed");
+    for id in [5, 6, 7, 9] {
+        assert_eq!(
+            app.contacts_of(id).await,
+            Vec::<u64>::new(),
+            "no pair of a refused request"
+        );
+    }
+    let now = presence
+        .clone()
+        .get_privacy(me.request(pb::GetPrivacyRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (now.online(), now.last_seen()),
+        (pb::Visibility::Contacts, pb::Visibility::Contacts),
+        "privacy is the default still"
+    );
+    let stats = app.stats().await;
+    assert_eq!(
+        (stats.connections, stats.watchers, stats.changes),
+        (2, 0, 2),
+        "no stream and no change came out of the refused calls (only the two devices)"
+    );
+    app.update_status(&me, Away).await.unwrap();
     let next = contact.next_update().await;
     assert_eq!(
-        (next.status(), next.version),
-        (Away, online.version + 1),
-        "the refused calls changed nothing: the next event is the valid change"
+        (next.user_id, next.status(), next.version),
+        (1, Away, online.version + 1),
+        "the contact's next event is the valid change"
     );
 }
 
@@ -70,137 +376,6 @@ async fn an_invalid_status_on_a_device_stream_ends_that_stream_as_invalid_and_ch
 }
 
 #[tokio::test]
-async fn user_id_zero_is_refused_everywhere() {
-    let app = spawn_app(|_| {}).await;
-
-    let read = app.get_presence(&user(1), &[1, 0]).await;
-    assert_refused(
-        read,
-        Code::InvalidArgument,
-        &["user_ids[1]"],
-        "id 0 in GetPresence is refused, naming the entry",
-    );
-    let watch = Watcher::open(&app, &service(), &[0]).await;
-    assert_refused(
-        watch.map(|w| w.snapshot),
-        Code::InvalidArgument,
-        &[],
-        "id 0 in WatchContacts is refused",
-    );
-    let as_zero = app.update_status(&user(0), Busy).await;
-    assert_refused(as_zero, Code::Unauthenticated, &[], "user 0 is no identity");
-    let pair = app
-        .contacts()
-        .add_contacts(service().request(pb::AddContactsRequest {
-            pairs: vec![pb::ContactPair {
-                user_id: 0,
-                contact_id: 5,
-            }],
-        }))
-        .await;
-    assert_refused(
-        pair,
-        Code::InvalidArgument,
-        &[],
-        "a pair with user 0 is refused",
-    );
-    let list = app
-        .contacts()
-        .list_contacts(service().request(pb::ListContactsRequest {
-            user_id: 0,
-            page_size: 0,
-            page_token: String::new(),
-        }))
-        .await;
-    assert_refused(
-        list,
-        Code::InvalidArgument,
-        &[],
-        "listing user 0 is refused",
-    );
-
-    assert_eq!(
-        app.contacts_of(5).await,
-        Vec::<u64>::new(),
-        "nothing was added"
-    );
-    let stats = app.stats().await;
-    assert_eq!(
-        (stats.connections, stats.watchers, stats.changes),
-        (0, 0, 0),
-        "no stream and no change came out of the refused calls"
-    );
-}
-
-#[tokio::test]
-async fn a_contact_pair_of_a_user_with_themself_is_refused_and_no_pair_of_the_request_is_added() {
-    let app = spawn_app(|_| {}).await;
-    let result = app
-        .contacts()
-        .add_contacts(service().request(pb::AddContactsRequest {
-            pairs: vec![
-                pb::ContactPair {
-                    user_id: 1,
-                    contact_id: 2,
-                },
-                pb::ContactPair {
-                    user_id: 3,
-                    contact_id: 3,
-                },
-            ],
-        }))
-        .await;
-    assert_refused(
-        result,
-        Code::InvalidArgument,
-        &["pairs[1]"],
-        "a self pair is refused, naming the entry",
-    );
-    assert_eq!(
-        app.contacts_of(1).await,
-        Vec::<u64>::new(),
-        "the valid pair of the refused request was not added either"
-    );
-    assert_eq!(app.contacts_of(3).await, Vec::<u64>::new());
-}
-
-#[tokio::test]
-async fn a_first_message_other_than_hello_fails_the_precondition_and_leaves_the_user_offline() {
-    let app = spawn_app(|_| {}).await;
-    app.add_contacts(&[(1, 2)]).await;
-    let mut contact = app.device(&user(2)).await;
-
-    for first in [ping(1), status_message(Busy as i32)] {
-        let (response, _tx) = open_stream(&app, &user(1), vec![first.clone()]).await;
-        assert_refused(
-            response.map(|_| ()),
-            Code::FailedPrecondition,
-            &["hello"],
-            &format!("{first:?} before hello"),
-        );
-    }
-    assert_eq!(
-        app.stats().await.connections,
-        1,
-        "only user 2's device is live"
-    );
-
-    let phone = app.device(&user(1)).await;
-    assert_eq!(
-        phone.me().status(),
-        Online,
-        "the status sent before hello was not applied"
-    );
-    let first = contact.next_update().await;
-    assert_eq!(
-        (first.user_id, first.status(), first.version),
-        (1, Online, 1),
-        "the contact's first event about user 1 is the real connect: the refused streams \
-         changed nothing"
-    );
-}
-
-#[tokio::test]
 async fn a_second_hello_ends_the_stream_as_invalid_and_changes_nothing_else() {
     let app = spawn_app(|_| {}).await;
     app.add_contacts(&[(1, 2)]).await;
@@ -227,199 +402,4 @@ async fn a_second_hello_ends_the_stream_as_invalid_and_changes_nothing_else() {
         (Away, online.version + 1),
         "the laptop's refusal sent nothing; the phone keeps user 1 online"
     );
-}
-
-#[tokio::test]
-async fn a_call_without_identity_is_unauthenticated_and_changes_nothing() {
-    let app = spawn_app(|_| {}).await;
-    app.add_contacts(&[(1, 2)]).await;
-    let nobody = anonymous();
-
-    let (stream, _tx) = open_stream(&app, &nobody, vec![hello("phone")]).await;
-    assert_refused(
-        stream.map(|_| ()),
-        Code::Unauthenticated,
-        &[],
-        "Authenticate without identity",
-    );
-    assert_refused(
-        app.update_status(&nobody, Busy).await,
-        Code::Unauthenticated,
-        &[],
-        "UpdateStatus without identity",
-    );
-    assert_refused(
-        app.get_presence(&nobody, &[1]).await,
-        Code::Unauthenticated,
-        &[],
-        "GetPresence without identity",
-    );
-    assert_refused(
-        Watcher::open(&app, &nobody, &[1]).await.map(|w| w.snapshot),
-        Code::Unauthenticated,
-        &[],
-        "WatchContacts without identity",
-    );
-    let remove = app
-        .contacts()
-        .remove_contacts(nobody.request(pb::RemoveContactsRequest {
-            pairs: vec![pb::ContactPair {
-                user_id: 1,
-                contact_id: 2,
-            }],
-        }))
-        .await;
-    assert_refused(
-        remove,
-        Code::Unauthenticated,
-        &[],
-        "RemoveContacts without identity",
-    );
-    assert_refused(
-        app.presence()
-            .get_stats(nobody.request(pb::GetStatsRequest {}))
-            .await,
-        Code::Unauthenticated,
-        &[],
-        "GetStats without identity",
-    );
-
-    assert_eq!(app.contacts_of(1).await, vec![2], "the pair is still there");
-    let stats = app.stats().await;
-    assert_eq!(
-        (stats.connections, stats.watchers, stats.changes),
-        (0, 0, 0),
-        "no stream and no change"
-    );
-}
-
-#[tokio::test]
-async fn users_calling_service_only_rpcs_are_denied_and_change_nothing() {
-    let app = spawn_app(|_| {}).await;
-    app.add_contacts(&[(3, 4)]).await;
-    let me = user(1);
-
-    assert_refused(
-        app.presence()
-            .get_stats(me.request(pb::GetStatsRequest {}))
-            .await,
-        Code::PermissionDenied,
-        &[],
-        "GetStats is for services",
-    );
-    let pair = |a, b| pb::ContactPair {
-        user_id: a,
-        contact_id: b,
-    };
-    assert_refused(
-        app.contacts()
-            .add_contacts(me.request(pb::AddContactsRequest {
-                pairs: vec![pair(1, 2)],
-            }))
-            .await,
-        Code::PermissionDenied,
-        &[],
-        "a user cannot add contacts, not even their own",
-    );
-    assert_refused(
-        app.contacts()
-            .remove_contacts(me.request(pb::RemoveContactsRequest {
-                pairs: vec![pair(3, 4)],
-            }))
-            .await,
-        Code::PermissionDenied,
-        &[],
-        "a user cannot remove contacts",
-    );
-    assert_refused(
-        app.contacts()
-            .list_contacts(me.request(pb::ListContactsRequest {
-                user_id: 3,
-                page_size: 0,
-                page_token: String::new(),
-            }))
-            .await,
-        Code::PermissionDenied,
-        &[],
-        "a user cannot list anyone's contacts",
-    );
-    assert_eq!(
-        app.contacts_of(1).await,
-        Vec::<u64>::new(),
-        "(1, 2) was not added"
-    );
-    assert_eq!(app.contacts_of(3).await, vec![4], "(3, 4) was not removed");
-}
-
-#[tokio::test]
-async fn unknown_or_unspecified_visibility_is_refused_and_privacy_is_unchanged() {
-    let app = spawn_app(|_| {}).await;
-    let me = user(1);
-    for (online, last_seen, word) in [
-        (0, 1, "VISIBILITY_UNSPECIFIED"),
-        (1, 0, "VISIBILITY_UNSPECIFIED"),
-        (42, 1, "42"),
-        (1, 42, "42"),
-    ] {
-        let r = app
-            .presence()
-            .set_privacy(me.request(pb::SetPrivacyRequest {
-                settings: Some(pb::PrivacySettings {
-                    online,
-                    last_seen,
-                    approximate_last_seen: None,
-                }),
-            }))
-            .await;
-        assert_refused(r, Code::InvalidArgument, &[word], "a bad visibility");
-    }
-    let missing = app
-        .presence()
-        .set_privacy(me.request(pb::SetPrivacyRequest { settings: None }))
-        .await;
-    assert_refused(
-        missing,
-        Code::InvalidArgument,
-        &["settings"],
-        "settings are required",
-    );
-
-    let now = app
-        .presence()
-        .get_privacy(me.request(pb::GetPrivacyRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (now.online(), now.last_seen()),
-        (pb::Visibility::Contacts, pb::Visibility::Contacts),
-        "the defaults are untouched"
-    );
-}
-
-#[tokio::test]
-async fn a_service_that_acts_for_nobody_cannot_use_the_rpcs_of_a_user() {
-    let app = spawn_app(|_| {}).await;
-    assert_refused(
-        app.update_status(&service(), Busy).await,
-        Code::FailedPrecondition,
-        &["x-presence-user-id"],
-        "UpdateStatus needs a user",
-    );
-    let (stream, _tx) = open_stream(&app, &service(), vec![hello("edge")]).await;
-    assert_refused(
-        stream.map(|_| ()),
-        Code::FailedPrecondition,
-        &["x-presence-user-id"],
-        "Authenticate needs a user",
-    );
-    assert_refused(
-        Watcher::open(&app, &service(), &[])
-            .await
-            .map(|w| w.snapshot),
-        Code::InvalidArgument,
-        &["user_ids"],
-        "a service has no contacts to watch",
-    );
-    assert_eq!(app.stats().await.changes, 0, "nothing changed");
 }

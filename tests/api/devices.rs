@@ -47,7 +47,7 @@ async fn a_user_whose_devices_are_all_idle_is_away_with_idle_since_and_one_activ
     d2.send(activity(Activity::Idle)).await;
     d1.until_pong(1).await;
     d2.until_pong(2).await;
-    w.expect_nothing(QUIET, "one device still active: nothing changed")
+    w.expect_nothing_queued(91, "one device still active: nothing changed")
         .await;
     let before = now_ms();
     d3.send(activity(Activity::Background)).await;
@@ -94,7 +94,7 @@ async fn a_status_chosen_by_hand_is_never_changed_by_activity() {
     let busy = w.next_update_of(X, WAIT).await;
     d.send(activity(Activity::Idle)).await;
     d.until_pong(1).await;
-    w.expect_nothing(QUIET, "BUSY stays BUSY when the device idles")
+    w.expect_nothing_queued(92, "BUSY stays BUSY when the device idles")
         .await;
     assert_eq!(app.presence_of(&user(W), X).await.version, busy.version);
     app.update_status(&user(X), Online).await.unwrap();
@@ -246,7 +246,7 @@ async fn activity_changes_over_the_limit_are_ignored_and_end_nothing() {
     assert_eq!(w.next_update_of(X, WAIT).await.status(), Online);
     d.send(activity(Activity::Idle)).await;
     d.until_pong(3).await;
-    w.expect_nothing(QUIET, "the third change in a minute is ignored")
+    w.expect_nothing_queued(93, "the third change in a minute is ignored")
         .await;
     d.until_pong(4).await;
     let _ = Duration::ZERO;

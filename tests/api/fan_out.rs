@@ -33,7 +33,7 @@ async fn only_contacts_and_own_other_devices_receive_a_change() {
         );
     }
     stranger
-        .expect_nothing(QUIET, "user 3 is no contact of user 1")
+        .expect_nothing_queued(91, "user 3 is no contact of user 1")
         .await;
     stranger_watcher
         .expect_nothing(QUIET, "user 3 is no contact of user 1")
@@ -117,7 +117,7 @@ async fn adding_a_pair_starts_both_streams_at_once_with_current_presence_and_rem
         "user 2 is still told"
     );
     three
-        .expect_nothing(QUIET, "user 1 is no longer a contact of user 3")
+        .expect_nothing_queued(92, "user 1 is no longer a contact of user 3")
         .await;
     three_watcher
         .expect_nothing(QUIET, "user 1 is no longer a contact of user 3")
@@ -258,7 +258,7 @@ async fn a_never_reading_receiver_does_not_hold_up_others_and_finally_gets_the_f
         "the slow receiver got a bounded backlog, not all {CHANGES} updates: {}",
         backlog.len()
     );
-    slow.expect_nothing(QUIET, "nothing after the final state")
+    slow.expect_nothing_queued(93, "nothing after the final state")
         .await;
     drop(actor);
 }

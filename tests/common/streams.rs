@@ -454,6 +454,23 @@ impl Device {
         }
     }
 
+    /// Asserts that nothing reached this device before the pong of a ping sent now: exact where
+    /// a timed wait would guess (the server answers a ping after everything queued before it).
+    pub async fn expect_nothing_queued(&mut self, nonce: u64, why: &str) {
+        assert!(
+            self.inbox.backlog.is_empty(),
+            "{}: expected nothing ({why}), got {:?}",
+            self.inbox.name,
+            self.inbox.backlog
+        );
+        let before = self.until_pong(nonce).await;
+        assert!(
+            before.is_empty(),
+            "{}: expected nothing ({why}), got {before:?}",
+            self.inbox.name
+        );
+    }
+
     /// Tells the server this device is now active, idle or in the background.
     pub async fn set_activity(&self, a: pb::Activity) {
         self.send(activity(a)).await;
