@@ -3,21 +3,21 @@
 //! cluster through it. Everything a test starts is killed when it is dropped, and the test's
 //! keys are deleted, even when the test fails.
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 
 use crate::clients::free_port;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 #[path = "../common/mysql_db.rs"]
 mod mysql_db;
+#[path = "../common/process.rs"]
+mod process;
 pub use mysql_db::MySqlDatabase;
-use tokio::sync::oneshot;
+use process::ServerProcess;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long a test waits for something it expects (an update, a welcome, an answer).
@@ -185,48 +185,32 @@ impl Drop for OwnRedis {
 // Nodes
 // ---------------------------------------------------------------------------------------------
 
-/// One `presence serve` process.
+/// One `presence serve` node of a cluster.
 pub struct Node {
     /// "A", "B"…: names the node in messages.
     pub name: String,
     /// The process, killed (and reaped) on drop.
-    child: Child,
+    process: ServerProcess,
     /// Where it listens: the port it picked, read from its `listening on` line.
     pub addr: SocketAddr,
     /// One HTTP/2 connection, shared by every client of this node in a test.
     pub channel: Channel,
-    /// Everything the process wrote on stderr (its logs), shown when a test fails.
-    log: Arc<Mutex<String>>,
 }
 
 impl Node {
-    fn pid(&self) -> libc::pid_t {
-        libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t")
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (we reap only in kill9
-        // and Drop, which take &mut self).
-        let sent = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(sent, 0, "signal {signal} can be sent to node {}", self.name);
-    }
-
     /// kill -9: no clean shutdown, no deregistration; only the lease can tell.
     pub fn kill9(&mut self) {
-        self.child
-            .kill()
-            .expect("SIGKILL can be sent to our own child");
-        self.child.wait().expect("the killed child can be reaped");
+        self.process.kill9();
     }
 
     /// SIGSTOP: the process freezes (a long stall), its sockets stay open.
     pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
+        self.process.pause();
     }
 
     /// SIGCONT: the frozen process runs again.
     pub fn resume(&self) {
-        self.signal(libc::SIGCONT);
+        self.process.resume();
     }
 
     /// The node's id in the cluster (a new one per process), from its start-up log line.
@@ -251,21 +235,9 @@ impl Node {
         }
     }
 
+    /// Everything the process wrote on stderr (its logs), shown when a test fails.
     pub fn log(&self) -> String {
-        self.log
-            .lock()
-            .expect("the log lock is never poisoned")
-            .clone()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // SIGKILL also ends a stopped process.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.stderr()
     }
 }
 
@@ -309,12 +281,6 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Extra environment of every node (after the defaults).
     env: Vec<(String, String)>,
-}
-
-/// The nodes' log filter: `TEST_NODE_LOG` (e.g. `presence=debug`), else `info`. Their logs
-/// are printed when a test fails.
-fn node_log_filter() -> String {
-    std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into())
 }
 
 const NAMES: [&str; 4] = ["A", "B", "C", "D"];
@@ -363,72 +329,20 @@ impl Cluster {
     /// Starts node `i` with `extra` environment on top of the cluster's.
     pub async fn spawn(&self, i: usize, extra: &[(&str, &str)]) -> Node {
         let name = NAMES[i].to_string();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
-        command.args(["serve", "--listen", "127.0.0.1:0"]);
-        // The test's own environment must not leak settings into the nodes.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("PRESENCE_")
-                || ["DATABASE_URL", "REDIS_URL", "RUST_LOG"].contains(&key.as_ref())
-            {
-                command.env_remove(key.as_ref());
-            }
-        }
         let ttl = LEASE_TTL_S.to_string();
-        command
-            .env("DATABASE_URL", self.database.url())
-            .env("REDIS_URL", &self.redis_url)
-            .env("PRESENCE_REDIS_PREFIX", &self.prefix)
-            .env("PRESENCE_NODE_LEASE_TTL_S", &ttl)
-            .env("PRESENCE_OFFLINE_GRACE_MS", "0")
-            .env("PRESENCE_METRICS_LISTEN", "")
+        let mut env: Vec<(&str, &str)> = vec![
+            ("REDIS_URL", &self.redis_url),
+            ("PRESENCE_REDIS_PREFIX", &self.prefix),
+            ("PRESENCE_NODE_LEASE_TTL_S", &ttl),
+            ("PRESENCE_OFFLINE_GRACE_MS", "0"),
             // The fan-out test changes one status 20 times in a few seconds.
-            .env("PRESENCE_RATE_STATUS_PER_MIN", "1000")
-            .env("PRESENCE_SHUTDOWN_DEADLINE_S", "2")
-            .env("RUST_LOG", node_log_filter())
-            .env("NO_COLOR", "1")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("the presence binary starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (addr_tx, addr_rx) = oneshot::channel();
-        // Plain threads: reading a pipe blocks, and both pipes must be drained so the node
-        // never blocks on a full one.
-        std::thread::spawn(move || {
-            let mut addr_tx = Some(addr_tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on ")
-                    && let Ok(addr) = addr.trim().parse::<SocketAddr>()
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut log = sink.lock().expect("the log lock is never poisoned");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx).await;
-        let Ok(Ok(addr)) = addr else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "node {name} printed no `listening on` line within 20 s; stderr:\n{}",
-                log.lock().expect("the log lock is never poisoned")
-            );
-        };
+            ("PRESENCE_RATE_STATUS_PER_MIN", "1000"),
+            ("PRESENCE_SHUTDOWN_DEADLINE_S", "2"),
+        ];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        env.extend(extra.iter().copied());
+        let process = ServerProcess::serve(&self.database.url(), &env).await;
+        let addr = process.addr();
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .expect("a valid URI")
             .connect_timeout(WAIT)
@@ -437,10 +351,9 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("node {name} at {addr} accepts connections: {e}"));
         Node {
             name,
-            child,
+            process,
             addr,
             channel,
-            log,
         }
     }
 
