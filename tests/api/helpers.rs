@@ -1,7 +1,7 @@
 //! The harness: a real server per test (its own SQLite file, port 0), callers that name
 //! themselves through metadata or tokens the tests sign, and receivers (devices and watchers)
 //! that wait for the updates a test expects, with a timeout, instead of sleeping.
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -28,22 +28,6 @@ pub const QUIET: Duration = Duration::from_millis(300);
 
 /// The HS256 secret of the JWT-mode tests.
 pub const SECRET: &str = "integration-test-secret-0123456789";
-
-static TRACING: Once = Once::new();
-
-/// Server logs on stderr when `TEST_LOG` is set, silent otherwise.
-fn init_tracing() {
-    TRACING.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "presence=debug".into()),
-                ))
-                .with_test_writer()
-                .try_init();
-        }
-    });
-}
 
 /// A running server and what a test needs to talk to it, restart it and read its database.
 pub struct TestApp {

@@ -180,3 +180,20 @@ pub fn assert_refused<T: std::fmt::Debug>(
     }
     status
 }
+
+static TRACING: std::sync::Once = std::sync::Once::new();
+
+/// Logs of servers run in the test's process, on stderr, when `TEST_LOG` is set (filter:
+/// `RUST_LOG`, default `presence=debug`); silent otherwise.
+pub fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "presence=debug".into()),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}

@@ -2,7 +2,7 @@
 //! with SIGKILL), callers that name themselves through development-mode metadata, and receivers
 //! (devices and watchers) that wait for the updates a test expects, with a timeout.
 use std::net::SocketAddr;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presence::engine::Engine;
@@ -37,22 +37,6 @@ static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     init_tracing();
     EXCLUSIVE.lock().await
-}
-
-static TRACING: Once = Once::new();
-
-/// Server logs on stderr when `TEST_LOG` is set, silent otherwise.
-fn init_tracing() {
-    TRACING.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "presence=debug".into()),
-                ))
-                .with_test_writer()
-                .try_init();
-        }
-    });
 }
 
 // ---------------------------------------------------------------------------------------------
