@@ -10,14 +10,16 @@
 #   3. podman-compose up (project presence-check, high host ports); every container's healthcheck;
 #   4. end to end: a service adds contacts 1-2 and 1-3 through node 1; user 2's phone connects to
 #      node 2 (grpcurl Authenticate); user 1's browser connects through the edge (socket.io, token
-#      mode, edge -> node 1), sees user 2 online and goes busy; user 3 connects to node 2. User 2
-#      must see user 1 online and busy (node 1 -> Redis -> node 2), user 1's browser must see
-#      user 3 online (node 2 -> Redis -> node 1 -> edge), both nodes must answer GetPresence the
-#      same; MariaDB holds the rows; both nodes report presence_redis_up 1, presence_store_up 1;
+#      mode: the edge's relay stream to node 1 carries a service token the edge minted from
+#      EDGE_JWT_SECRET), sees user 2 online and goes busy; user 3 connects to node 2, then goes
+#      away with a gRPC UpdateStatus on node 2. User 2 must see user 1 online and busy (node 1 ->
+#      Redis -> node 2), user 1's browser must see user 3 online, then away (node 2 -> Redis ->
+#      node 1 -> relay -> edge), both nodes must answer GetPresence the same; the edge's /healthz
+#      shows its relay streams open with a minted service token, and it logged no refusal;
+#      MariaDB holds the rows; both nodes report presence_redis_up 1, presence_store_up 1;
 #   5. podman-compose down -v (also on failure).
 # Needs edge/node_modules (socket.io-client, a dev dependency; `npm ci` in edge/ when missing).
-# Exits non-zero on any failure. XFAIL_CROSS_NODE=1 reports a failure of the cross-node part of
-# step 4 without failing (a known bug being fixed), and says so when that part passes.
+# Exits non-zero on any failure.
 set -euo pipefail
 # shellcheck source=deploy/lib/podman.sh
 source "$(dirname "$0")/lib/podman.sh"
@@ -53,7 +55,7 @@ EDGE_PID=
 cleanup() {
   local rc=$?
   set +e
-  for fd in "${STREAM_FDS[@]}"; do exec {fd}>&- 2>/dev/null; done
+  for fd in "${STREAM_FDS[@]}"; do { exec {fd}>&-; } 2>/dev/null; done  # braces: a bare `exec … 2>/dev/null` would silence the rest
   for p in "${GRPCURL_PIDS[@]}" $EDGE_PID; do kill "$p" 2>/dev/null; done
   if [ "$rc" != 0 ]; then
     echo "--- logs (last lines of each service)" >&2
@@ -111,7 +113,8 @@ step "end to end, across both nodes and the edge"
 # Contacts 1-2 and 1-3. User 2 connects to node 2 first; user 1 comes through the edge (node 1);
 # user 3 connects to node 2 last. Each observer first sees the other user as never seen, on its
 # own node, and must then receive that user's changes decided on the other node: user 2 (node 2)
-# sees user 1 come online and go busy; user 1 (edge, node 1) sees user 3 come online.
+# sees user 1 come online and go busy; user 1 (edge, node 1) sees user 3 come online, then go
+# away (UpdateStatus, a gRPC call on node 2).
 N1=127.0.0.1:$PRESENCE_1_PORT
 N2=127.0.0.1:$PRESENCE_2_PORT
 token() { podman exec "$P1" presence token "$@"; }
@@ -135,8 +138,9 @@ device user2 2 "$N2"
 echo "user 2 connected to node 2"
 
 # User 1 in a browser: socket.io through the edge (token mode) to node 1. It prints "ready" once
-# it sees user 2 online and has gone busy, then "done" when it sees user 3 online, and stays
-# connected (GetPresence below is compared while every device is connected) until killed.
+# it sees user 2 online and has gone busy, "done" when it sees user 3 online, "away" when it sees
+# user 3 away, and stays connected (GetPresence below is compared while every device is
+# connected) until killed.
 : >"$TMP/user1"
 EDGE_URL="http://127.0.0.1:$EDGE_HOST_PORT" TOKEN="$(token --user 1)" NODE_PATH="$REPO/edge/node_modules" \
   node - >"$TMP/user1" 2>&1 <<'JS' &
@@ -158,6 +162,7 @@ socket.on('presence_updated', (p) => {
     timer3 = setTimeout(() => fail('user 3 (node 2) was not reported online within 15 s'), 15000);
   }
   if (p.user_id === 3 && p.status === 'online' && timer3) { clearTimeout(timer3); timer3 = null; console.log('done'); }
+  if (p.user_id === 3 && p.status === 'away') console.log('away');
 });
 JS
 EDGE_PID=$!
@@ -167,6 +172,12 @@ echo "user 1 connected through the edge (node 1), saw user 2 online, went busy"
 device user3 3 "$N2"
 echo "user 3 connected to node 2"
 for _ in $(seq 100); do grep -q -E '^(done|FAIL)' "$TMP/user1" && break; sleep 0.2; done
+# User 3 goes away through a gRPC call on node 2 (not the device stream): user 1's socket, behind
+# the edge and its relay stream on node 1, must be told.
+grpcurl -plaintext -H "authorization: Bearer $(token --user 3)" -d '{"status":"STATUS_AWAY"}' "$N2" \
+  presence.v1.Presence/UpdateStatus >/dev/null
+echo "user 3 went away (UpdateStatus on node 2)"
+for _ in $(seq 75); do grep -q -E '^(away|FAIL)' "$TMP/user1" && break; sleep 0.2; done
 received() { # received FILE: (user, status) pairs of the presence_updated messages on a stream
   python3 - "$1" <<'PY'
 import json, re, sys
@@ -190,6 +201,7 @@ ok=1
 case " $got2 " in *" 1:STATUS_ONLINE "*) ;; *) ok=0; echo "FAIL: user 2 (node 2) never saw user 1 (node 1) come online" ;; esac
 case " $got2 " in *" 1:STATUS_BUSY"*) ;; *) ok=0; echo "FAIL: user 2 (node 2) never saw user 1 (node 1) go busy" ;; esac
 grep -q '^done' "$TMP/user1" || { ok=0; grep '^FAIL' "$TMP/user1" || echo "FAIL: no answer from the edge client"; }
+grep -q '^away' "$TMP/user1" || { ok=0; echo "FAIL: user 1 (edge, node 1) never saw user 3 (node 2, UpdateStatus) go away"; }
 # Every node answers GetPresence the same.
 for n in "$N1" "$N2"; do
   grpcurl -plaintext -H "authorization: Bearer $SERVICE" -d '{"user_ids":[1,2,3]}' "$n" \
@@ -206,19 +218,40 @@ if [ "$ok" != 1 ]; then
     c=$(cname "presence-$n")
     echo "presence-$n: $(podman logs "$c" 2>&1 | grep -o -E '"message":"[^"]*(epoch|shut down cleanly)[^"]*"[^}]*' | head -n 2 | tr '\n' ' ')"
   done
-  [ "${XFAIL_CROSS_NODE:-0}" = 1 ] || die "presence does not reach across the nodes (see above)"
-  echo "XFAIL_CROSS_NODE=1: the failure above is a known bug; going on with the other checks"
-else
-  echo "node 1 -> Redis -> node 2 and node 2 -> Redis -> node 1 (through the edge): ok; GetPresence agrees"
-  [ "${XFAIL_CROSS_NODE:-0}" != 1 ] || echo "note: XFAIL_CROSS_NODE=1 is set but nothing failed: drop it"
+  die "presence does not reach across the nodes (see above)"
 fi
+echo "node 1 -> Redis -> node 2 and node 2 -> Redis -> node 1 (through the edge): ok; GetPresence agrees"
+
+# The edge served that through its relay streams, each opened with a service token it minted
+# from EDGE_JWT_SECRET (compose gives it the nodes' secret), and nothing was refused.
+EDGE_C=$(cname edge)
+health=$(curl -fsS "http://127.0.0.1:$EDGE_HOST_PORT/healthz")
+python3 - "$health" <<'PY' || die "the edge's /healthz does not show its relay streams open with a minted service token"
+import json, sys
+h = json.loads(sys.argv[1])
+workers = [p for p in h["processes"] if "worker" in p or "relay" in p]
+creds = sorted({p.get("service_credential", {}).get("source") for p in workers})
+print(f"edge /healthz: {h['workers']} worker(s), relay_streams {h['relay_streams']}, sessions ready {h['ready']}, "
+      f"service credential {creds}, expires_at {[p.get('service_credential', {}).get('expires_at') for p in workers]}")
+ok = h["relay_streams"] == h["workers"] and creds == ["EDGE_JWT_SECRET"] and all(p["relay"]["state"] == "open" for p in workers)
+sys.exit(0 if ok else 1)
+PY
+errs=$(podman logs "$EDGE_C" 2>&1 | grep -E '"level":"error"|relay stream refused' || true)
+[ -z "$errs" ] || { head -n 5 <<<"$errs" | cut -c1-300; die "the edge logged errors (above)"; }
+echo "edge log: no error"
 
 MARIADB=$(cname mariadb)
 rows=$(podman exec "$MARIADB" mariadb -N -upresence -ppresence-change-me presence \
   -e 'SELECT COUNT(*) FROM contacts; SELECT COUNT(*) FROM presence WHERE user_id IN (1, 2);' | tr '\n' ' ')
 echo "MariaDB: contacts rows, presence rows of users 1 and 2: $rows"
 read -r n_contacts n_presence <<<"$rows"
-[ "${n_contacts:-0}" -ge 2 ] && [ "${n_presence:-0}" -ge 1 ] || die "MariaDB does not hold the contacts and presence rows"
+if ! [ "${n_contacts:-0}" -ge 2 ] || ! [ "${n_presence:-0}" -ge 1 ]; then
+  for port in "$PRESENCE_1_METRICS_PORT" "$PRESENCE_2_METRICS_PORT"; do
+    echo "node on :$port: $(curl -fsS "http://127.0.0.1:$port/metrics" \
+      | grep -E '^presence_(changes_total|db_rows_total|db_statements_total|db_errors_total|write_behind_dirty_users) ' | tr '\n' ' ')"
+  done
+  die "MariaDB does not hold the contacts and presence rows"
+fi
 for port in "$PRESENCE_1_METRICS_PORT" "$PRESENCE_2_METRICS_PORT"; do
   m=$(curl -fsS "http://127.0.0.1:$port/metrics")
   grep -q '^presence_redis_up 1' <<<"$m" || die "node on :$port does not report presence_redis_up 1"

@@ -51,7 +51,7 @@ cleanup() {
   local rc=$?
   set +e
   [ -n "$STREAMS_PID" ] && kill "$STREAMS_PID" 2>/dev/null
-  for fd in "${STREAM_FDS[@]:-}"; do [ -n "$fd" ] && exec {fd}>&- 2>/dev/null; done
+  for fd in "${STREAM_FDS[@]:-}"; do [ -n "$fd" ] && { exec {fd}>&-; } 2>/dev/null; done  # braces: a bare `exec … 2>/dev/null` would silence the rest
   for p in "${GRPCURL_PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done
   podman rm -f -v -t 2 "$CONTAINER" >/dev/null 2>&1 || true
   rm -rf "$TMP"
