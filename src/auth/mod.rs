@@ -281,6 +281,23 @@ impl Verifier {
 }
 
 impl Verifier {
+    /// Verifies a service's bare token (a relay stream's refreshed credential): the service's
+    /// name and when the token expires.
+    pub fn verify_service_token(&self, token: &str) -> Result<(String, u64), AuthError> {
+        let Verifier::Jwt(jwt) = self else {
+            return Err(AuthError::Unauthenticated(
+                "service_token needs a configured JWT key".into(),
+            ));
+        };
+        let claims = jwt.verify_token(token)?;
+        if claims.role.as_deref() != Some("service") {
+            return Err(AuthError::Unauthenticated(
+                "service_token is a user's token, not a service's".into(),
+            ));
+        }
+        Ok((service_name(&claims.sub)?, claims.exp))
+    }
+
     /// Verifies a user's bare token (a relay session's): the user and when the token expires.
     pub fn verify_user_token(&self, token: &str) -> Result<(UserId, u64), AuthError> {
         let Verifier::Jwt(jwt) = self else {

@@ -350,9 +350,16 @@ impl Engine {
     }
 
     /// Applies a presence decided by the backplane, if the user is in memory and it is not
-    /// older than what the entry has; fans out what changed. `own`: this node ran the
-    /// transition, so it writes the row. Returns whether the entry is in memory.
-    pub(super) fn apply_shared(&self, user: UserId, presence: Presence, own: bool) -> bool {
+    /// older than what the entry has; fans out what changed. `made`: this node ran the
+    /// transition (Some, with whether it changed anything), so it writes the row; None: heard
+    /// on the subscription. Returns whether the entry is in memory.
+    pub(super) fn apply_shared(
+        &self,
+        user: UserId,
+        presence: Presence,
+        made: Option<bool>,
+    ) -> bool {
+        let own = made.is_some();
         let mut guard = self.shard(user);
         let shard = &mut *guard;
         let Some(entry) = shard.users.get_mut(&user) else {
@@ -363,11 +370,17 @@ impl Engine {
             return true;
         }
         if presence.version == current.version && presence.same_facets(current) {
-            // The same state (a node's report, a grace started): keep the newest device
-            // reports without telling anyone.
+            // The same state: a node's report, a grace started, or this node's own change
+            // heard on the subscription before the transition's reply came back. Keep the
+            // newest device reports without telling anyone; a change this node made is still
+            // its row to write.
             entry.set_presence(presence);
             if own {
                 entry.unsynced = false;
+            }
+            if made == Some(true) {
+                self.shared.counters.changes.fetch_add(1, Ordering::Relaxed);
+                mark_dirty(shard, user, &self.shared.counters.dirty_users);
             }
             return true;
         }

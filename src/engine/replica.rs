@@ -51,7 +51,9 @@ impl Engine {
         match bp.transition(batch).await {
             Ok(results) => {
                 for (presence, outcome) in results.into_iter().flatten() {
-                    if !self.apply_shared(user, presence.clone(), true) && outcome.changed {
+                    if !self.apply_shared(user, presence.clone(), Some(outcome.changed))
+                        && outcome.changed
+                    {
                         self.write_loose(user, &presence);
                     }
                 }
@@ -145,7 +147,7 @@ impl Engine {
                 let Some(msg) = msg else { break };
                 match msg {
                     Message::Presence(user, presence) => {
-                        self.apply_shared(user, *presence, false);
+                        self.apply_shared(user, *presence, None);
                     }
                     Message::ContactsAdded(a, b) => {
                         let _ = self.link(a, b).await;
@@ -294,8 +296,8 @@ impl Engine {
                     // Every visited user's row is written, changed here or not: the dead node
                     // may have died before writing its own last change.
                     for (&user, result) in users.iter().zip(results) {
-                        if let Some((presence, _)) = result {
-                            self.apply_shared(user, presence.clone(), true);
+                        if let Some((presence, outcome)) = result {
+                            self.apply_shared(user, presence.clone(), Some(outcome.changed));
                             self.owe_row(user, &presence);
                         }
                     }
@@ -400,8 +402,8 @@ impl Engine {
             match bp.transition(chunk.to_vec()).await {
                 Ok(results) => {
                     for ((user, result), sent) in users.into_iter().zip(results).zip(chunk) {
-                        if let Some((presence, _)) = result {
-                            self.apply_shared(user, presence, true);
+                        if let Some((presence, outcome)) = result {
+                            self.apply_shared(user, presence, Some(outcome.changed));
                         }
                         self.correct_if_stale(user, sent).await;
                     }
@@ -453,7 +455,7 @@ impl Engine {
                 match bp.load(chunk).await {
                     Ok(states) => {
                         for (user, presence) in states {
-                            self.apply_shared(user, presence, false);
+                            self.apply_shared(user, presence, None);
                         }
                         break;
                     }
@@ -550,8 +552,8 @@ impl Engine {
             let users: Vec<UserId> = chunk.iter().map(|t| t.user).collect();
             if let Ok(results) = bp.transition(chunk.to_vec()).await {
                 for (user, result) in users.into_iter().zip(results) {
-                    if let Some((presence, _)) = result {
-                        self.apply_shared(user, presence, true);
+                    if let Some((presence, outcome)) = result {
+                        self.apply_shared(user, presence, Some(outcome.changed));
                     }
                 }
             }

@@ -75,12 +75,22 @@ impl pb::relay_service_server::RelayService for RelayService {
         }
         let queue = self.engine.relay_queue();
         let (results, results_rx) = mpsc::channel(RESULTS);
+        let mut expiries = BTreeSet::new();
+        // The stream's own credential expires too (session 0 stands for the stream).
+        if let Some(exp) = id.expires_at {
+            expiries.insert((exp, STREAM));
+        }
+        let service_name = match &id.credential {
+            crate::auth::Credential::Service(name) => name.clone(),
+            crate::auth::Credential::User(_) => String::new(),
+        };
         let inbound = Inbound {
             service: self.clone(),
+            service_name,
             queue: queue.clone(),
             results,
             sessions: HashMap::new(),
-            expiries: BTreeSet::new(),
+            expiries,
         };
         tokio::spawn(inbound.run(req.into_inner()));
         Ok(Response::new(Box::pin(Outbound {
@@ -117,13 +127,23 @@ struct Opened {
     expires_at: Option<u64>,
 }
 
+/// The session id that stands for the relay stream itself in [`Inbound::expiries`] (real
+/// sessions are never 0).
+const STREAM: u64 = 0;
+
+/// What the command loop and the reads it starts send out: results, or the error that ends the
+/// stream.
+type Outgoing = Result<pb::RelayResponse, Status>;
+
 /// Reads the commands of one relay stream, in order.
 struct Inbound {
     service: RelayService,
+    /// The service the stream belongs to: a refreshed credential must name it too.
+    service_name: String,
     queue: Arc<RelayQueue>,
-    results: mpsc::Sender<pb::RelayResponse>,
+    results: mpsc::Sender<Outgoing>,
     sessions: HashMap<u64, Session>,
-    /// When sessions' tokens expire: (Unix seconds, session).
+    /// When credentials expire: (Unix seconds, session), [`STREAM`] for the stream's own.
     expiries: BTreeSet<(u64, u64)>,
 }
 
@@ -165,7 +185,11 @@ impl Inbound {
                     Err(_) => break,
                 },
                 Some(opened) = opened_rx.recv() => self.opened(opened, &opened_tx).await,
-                _ = expiry => self.expire_sessions().await,
+                _ = expiry => {
+                    if !self.expire_sessions().await {
+                        break;
+                    }
+                }
                 // The response side is done (the server ends the stream, or the proxy reset
                 // it): the request side is let go too, so the connection can close.
                 _ = self.results.closed() => break,
@@ -180,7 +204,7 @@ impl Inbound {
     /// Sends a result; false when the stream is gone.
     async fn send(&self, kind: Out) -> bool {
         self.results
-            .send(pb::RelayResponse { kind: Some(kind) })
+            .send(Ok(pb::RelayResponse { kind: Some(kind) }))
             .await
             .is_ok()
     }
@@ -211,6 +235,19 @@ impl Inbound {
         let session = session_of(&cmd);
         if let Cmd::Ping(p) = cmd {
             self.queue.push(0, Event::Pong(p.nonce));
+            return;
+        }
+        if let Cmd::Refresh(r) = cmd {
+            match self.refresh(&r.service_token) {
+                Ok(()) => {
+                    self.send(Out::Result(pb::RelayResult {
+                        request_id: r.request_id,
+                        ..Default::default()
+                    }))
+                    .await;
+                }
+                Err(e) => self.refuse(STREAM, r.request_id, e).await,
+            }
             return;
         }
         if let Cmd::Open(open) = cmd {
@@ -333,13 +370,39 @@ impl Inbound {
         }
     }
 
-    async fn expire_sessions(&mut self) {
+    /// Replaces the stream's credential: a valid service token of the same service.
+    fn refresh(&mut self, token: &str) -> Result<(), ApiError> {
+        let (name, exp) = self.service.verifier.verify_service_token(token)?;
+        if name != self.service_name {
+            return Err(ApiError::PermissionDenied(format!(
+                "refresh.service_token names service {name:?}; this stream belongs to {:?}",
+                self.service_name
+            )));
+        }
+        self.expiries.retain(|&(_, s)| s != STREAM);
+        self.expiries.insert((exp, STREAM));
+        Ok(())
+    }
+
+    /// Ends the sessions whose tokens expired; false (after saying why) when the stream's own
+    /// credential did: the stream ends.
+    async fn expire_sessions(&mut self) -> bool {
         let now = crate::auth::unix_now();
         while let Some(&(at, session)) = self.expiries.first() {
             if at > now {
                 break;
             }
             self.expiries.remove(&(at, session));
+            if session == STREAM {
+                let _ = self
+                    .results
+                    .send(Err(ApiError::Expired(
+                        "the relay stream's service token expired; send RelayRefresh with a new one before that, or open a new stream".into(),
+                    )
+                    .into()))
+                    .await;
+                return false;
+            }
             if self.sessions.remove(&session).is_some() {
                 self.end_session(
                     session,
@@ -348,6 +411,7 @@ impl Inbound {
                 .await;
             }
         }
+        true
     }
 
     /// A command of an open session.
@@ -447,13 +511,13 @@ impl Inbound {
                         }
                     };
                     let _ = results
-                        .send(pb::RelayResponse {
+                        .send(Ok(pb::RelayResponse {
                             kind: Some(Out::Result(reply)),
-                        })
+                        }))
                         .await;
                 });
             }
-            Cmd::Open(_) | Cmd::Ping(_) => {}
+            Cmd::Open(_) | Cmd::Ping(_) | Cmd::Refresh(_) => {}
         }
     }
 }
@@ -466,7 +530,7 @@ fn session_of(cmd: &Cmd) -> u64 {
         Cmd::SetActivity(a) => a.session_id,
         Cmd::GetPresence(g) => g.session_id,
         Cmd::SetCustomStatus(c) => c.session_id,
-        Cmd::Ping(_) => 0,
+        Cmd::Ping(_) | Cmd::Refresh(_) => STREAM,
     }
 }
 
@@ -476,6 +540,7 @@ fn request_of(cmd: &Cmd) -> u64 {
         Cmd::SetActivity(a) => a.request_id,
         Cmd::GetPresence(g) => g.request_id,
         Cmd::SetCustomStatus(c) => c.request_id,
+        Cmd::Refresh(r) => r.request_id,
         Cmd::Open(_) | Cmd::Close(_) | Cmd::Ping(_) => 0,
     }
 }
@@ -484,7 +549,7 @@ fn request_of(cmd: &Cmd) -> u64 {
 /// shared queue, identical deliveries grouped.
 struct Outbound {
     queue: Arc<RelayQueue>,
-    results: mpsc::Receiver<pb::RelayResponse>,
+    results: mpsc::Receiver<Outgoing>,
     /// Messages built from the last drained batch, not yet sent.
     ready: VecDeque<pb::RelayResponse>,
     /// The queue ended (and was drained).
@@ -503,7 +568,14 @@ impl Stream for Outbound {
             }
             if !self.results_done {
                 match self.results.poll_recv(cx) {
-                    Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
+                    Poll::Ready(Some(Ok(msg))) => return Poll::Ready(Some(Ok(msg))),
+                    Poll::Ready(Some(Err(status))) => {
+                        // The stream ends with it.
+                        self.done = true;
+                        self.results_done = true;
+                        self.queue.close();
+                        return Poll::Ready(Some(Err(status)));
+                    }
                     Poll::Ready(None) => self.results_done = true,
                     Poll::Pending => {}
                 }

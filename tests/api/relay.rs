@@ -478,3 +478,95 @@ async fn a_server_shutting_down_ends_relay_streams_as_unavailable() {
         started.elapsed()
     );
 }
+
+/// A service token of `name` expiring in `ttl_s` seconds.
+fn service_token(app: &TestApp, name: &str, ttl_s: u64) -> String {
+    let mut claims = app.claims(name);
+    claims["role"] = "service".into();
+    claims["exp"] = (unix_now() + ttl_s).into();
+    sign(&claims, Algorithm::HS256, SECRET)
+}
+
+#[tokio::test]
+async fn a_relay_stream_ends_when_its_service_token_expires_unless_refreshed() {
+    let app = spawn_jwt_app(|_| {}).await;
+    let mut expiring = Relay::open(&app, &bearer(&service_token(&app, "edge", 2)))
+        .await
+        .unwrap();
+    let mut refreshed = Relay::open(&app, &bearer(&service_token(&app, "edge", 2)))
+        .await
+        .unwrap();
+    expiring.open_session(1, X).await;
+    refreshed.open_session(2, W).await;
+    expiring.welcomes(&[1]).await;
+    refreshed.welcomes(&[2]).await;
+
+    // Refreshes that must be refused: a user's token, another service's, garbage.
+    for (request_id, token) in [
+        (1, app.user_token(X)),
+        (2, service_token(&app, "someone-else", 600)),
+        (3, "not-a-token".to_string()),
+    ] {
+        refreshed
+            .send(Cmd::Refresh(pb::RelayRefresh {
+                service_token: token,
+                request_id,
+            }))
+            .await;
+        let r = refreshed
+            .until(|o| match o {
+                Out::Result(r) if r.request_id == request_id => Some(r.clone()),
+                _ => None,
+            })
+            .await;
+        assert_ne!(r.code, 0, "refresh {request_id} is refused: {r:?}");
+    }
+    refreshed
+        .send(Cmd::Refresh(pb::RelayRefresh {
+            service_token: service_token(&app, "edge", 600),
+            request_id: 4,
+        }))
+        .await;
+    let ok = refreshed
+        .until(|o| match o {
+            Out::Result(r) if r.request_id == 4 => Some(r.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ok.code, 0, "a fresh token of the same service: {ok:?}");
+
+    let started = Instant::now();
+    let status = loop {
+        match tokio::time::timeout(WAIT, expiring.rx.next())
+            .await
+            .expect("the unrefreshed stream ends within the wait")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => panic!("the stream must end with UNAUTHENTICATED"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // Past the first token's expiry, the refreshed stream still works.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        refreshed
+            .barrier(9)
+            .await
+            .iter()
+            .all(|o| !matches!(o, Out::Ended(_)))
+    );
+    let x = app.presence_of(&app.service_caller(), X).await;
+    assert_eq!(
+        x.status(),
+        Offline,
+        "the expired stream's session went with it"
+    );
+    let w = app.presence_of(&app.service_caller(), W).await;
+    assert_eq!(
+        w.status(),
+        Online,
+        "the refreshed stream's session is still there"
+    );
+}

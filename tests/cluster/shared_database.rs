@@ -106,3 +106,59 @@ async fn a_node_killed_while_others_run_is_recovered_for_its_own_users_only() {
     )
     .await;
 }
+
+/// The row of `user` as the shared database holds it, polled until `want` holds of it.
+async fn row_until(
+    cluster: &Cluster,
+    user: u64,
+    want: impl Fn(&presence::store::PresenceRow) -> bool,
+) -> presence::store::PresenceRow {
+    let store = presence::store::connect(&cluster.database.url())
+        .await
+        .expect("the test opens the shared database");
+    let id = presence::domain::UserId::parse(user).expect("a valid id");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let rows = store.load_presence(&[id]).await.expect("rows load");
+        if let Some(row) = rows.into_iter().next()
+            && want(&row)
+        {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user {user}'s row did not reach the database within {WAIT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn changes_made_on_a_node_reach_the_database(database: Database) {
+    let _turn = exclusive().await;
+    let Some(redis) = shared_redis() else { return };
+    let cluster = Cluster::start_on(database, &redis, 2, &[]).await;
+    let _x = device(cluster.node(0), X).await;
+    let busy = set_status(cluster.node(1), X, Status::Busy).await;
+    let row = row_until(&cluster, X, |r| r.version >= busy.version).await;
+    assert_eq!(
+        (row.chosen, row.version),
+        (presence::domain::Status::Busy, busy.version),
+        "the node that made the change wrote its row"
+    );
+    let stats = crate::clients::stats(cluster.node(1)).await;
+    assert!(stats.changes >= 1, "and counted it: {stats:?}");
+}
+
+#[tokio::test]
+async fn changes_made_on_a_node_reach_the_shared_sqlite_database() {
+    changes_made_on_a_node_reach_the_database(Database::sqlite()).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(mysql_tests),
+    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+)]
+async fn changes_made_on_a_node_reach_the_shared_mysql_database() {
+    changes_made_on_a_node_reach_the_database(Database::mysql().await).await;
+}

@@ -192,6 +192,8 @@ pub struct ServerStats {
     pub coalesced: u64,
     pub db_statements: u64,
     pub db_rows: u64,
+    /// Deliveries not sent because the receiving device was in the background.
+    pub passive_skipped: u64,
 }
 
 impl ServerStats {
@@ -214,6 +216,7 @@ impl ServerStats {
             coalesced: s.coalesced,
             db_statements: s.db_statements,
             db_rows: s.db_rows,
+            passive_skipped: s.passive_skipped,
         })
     }
 
@@ -228,6 +231,7 @@ impl ServerStats {
             coalesced: self.coalesced.saturating_sub(before.coalesced),
             db_statements: self.db_statements.saturating_sub(before.db_statements),
             db_rows: self.db_rows.saturating_sub(before.db_rows),
+            passive_skipped: self.passive_skipped.saturating_sub(before.passive_skipped),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! Simulated devices: one Authenticate stream per online user, each read by its own task that
 //! checks every presence_updated it gets (order, and for churn changes, latency, status and
 //! gaps), and obeys commands from the drivers (change status, flap).
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,11 +11,12 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Streaming};
 
-use presence::pb::{self, client_message, server_message};
+use presence::pb::{self, client_message};
 
 use crate::client::{Auth, Pool};
 use crate::plan::Plan;
 use crate::recorder::{Hist, Recorder, Tally};
+use crate::wire::{self, DeviceCodec, Incoming};
 
 /// How long one attempt to open a stream may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,6 +27,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 /// The nonce of the ping that ends a steady device: the server answers a ping in order with
 /// the updates queued before it, so its pong means the device has seen all of them.
 const CLOSE_NONCE: u64 = u64::MAX;
+/// The nonce of the ping sent right after `set_activity` BACKGROUND: the server handles a
+/// device's messages in order, so its pong means the device is passive from then on.
+pub const PASSIVE_NONCE: u64 = u64::MAX - 1;
+/// The Authenticate method, called with the bench's own codec (see [`wire`]).
+const AUTHENTICATE: &str = "/presence.v1.Presence/Authenticate";
 
 /// What the drivers ask of a device.
 #[derive(Debug)]
@@ -47,6 +51,10 @@ pub struct Shared {
     own: Vec<Own>,
     /// Set once the churn timetable is known; receivers read it to identify changes.
     pub plan: OnceLock<Plan>,
+    /// What wake times are measured from (see [`Own::wake_at`]).
+    epoch: Instant,
+    /// When the latest resync completed, in nanoseconds after `epoch` (a wave's end).
+    last_resync_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -57,6 +65,9 @@ struct Own {
     /// The request stream of a steady device (one that never flaps): the driver sends its
     /// status changes there directly.
     requests: OnceLock<mpsc::UnboundedSender<pb::ClientMessage>>,
+    /// When the driver asked this device to wake (nanoseconds after `Shared::epoch`, plus one;
+    /// 0: never): its resync's latency counts from there.
+    wake_at: AtomicU64,
 }
 
 impl Shared {
@@ -67,6 +78,27 @@ impl Shared {
             recorder,
             own: (0..=max_user).map(|_| Own::default()).collect(),
             plan: OnceLock::new(),
+            epoch: Instant::now(),
+            last_resync_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Records that `user`'s device is asked to wake now.
+    pub fn mark_wake(&self, user: u64, at: Instant) {
+        if let Some(o) = self.own.get(user as usize) {
+            o.wake_at.store(self.since_epoch(at) + 1, Ordering::Release);
+        }
+    }
+
+    /// When the latest resync completed (None before the first).
+    pub fn last_resync(&self) -> Option<Instant> {
+        match self.last_resync_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.epoch + Duration::from_nanos(ns)),
         }
     }
 
@@ -87,10 +119,10 @@ impl Shared {
     }
 }
 
-/// A stream that got its welcome.
+/// A stream that got its welcome (every page of it).
 struct Opened {
     requests: mpsc::UnboundedSender<pb::ClientMessage>,
-    responses: Streaming<pb::ServerMessage>,
+    responses: Streaming<Incoming>,
     welcome: pb::Welcome,
     took: Duration,
 }
@@ -132,24 +164,47 @@ async fn attempt(shared: &Shared, user: u64, started: Instant) -> anyhow::Result
         .expect("the receiver is alive: it is right here");
     let mut req = Request::new(UnboundedReceiverStream::new(rx));
     shared.auth.as_user(&mut req, user)?;
-    let mut responses = shared
-        .pool
-        .presence(user)
-        .authenticate(req)
+    let mut grpc = tonic::client::Grpc::new(shared.pool.for_user(user));
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("the connection is not ready: {e}")))
+        .map_err(status_error)?;
+    let mut responses = grpc
+        .streaming(
+            req,
+            http::uri::PathAndQuery::from_static(AUTHENTICATE),
+            DeviceCodec,
+        )
         .await
         .map_err(status_error)?
         .into_inner();
-    let first = responses.message().await.map_err(status_error)?;
-    match first.and_then(|m| m.kind) {
-        Some(server_message::Kind::Welcome(welcome)) => Ok(Opened {
-            requests,
-            responses,
-            welcome,
-            took: started.elapsed(),
-        }),
-        Some(other) => Err(anyhow!("expected a welcome first, got {other:?}")),
-        None => Err(anyhow!("the stream ended before its welcome")),
+    // A long contact list comes in pages, each with the same self; the last one is marked.
+    let mut welcome: Option<pb::Welcome> = None;
+    loop {
+        match responses.message().await.map_err(status_error)? {
+            Some(Incoming::Welcome(page)) => {
+                let last = page.last_page;
+                match &mut welcome {
+                    None => welcome = Some(*page),
+                    Some(w) => w.contacts.extend(page.contacts),
+                }
+                if last {
+                    break;
+                }
+            }
+            Some(other) if welcome.is_none() => {
+                return Err(anyhow!("expected a welcome first, got {other:?}"));
+            }
+            Some(other) => return Err(anyhow!("expected the welcome's next page, got {other:?}")),
+            None => return Err(anyhow!("the stream ended before its welcome")),
+        }
     }
+    Ok(Opened {
+        requests,
+        responses,
+        welcome: welcome.expect("the loop ends on a last page"),
+        took: started.elapsed(),
+    })
 }
 
 /// Keeps the status (for the retry decision) with a readable message.
@@ -168,22 +223,34 @@ struct Device {
     view: View,
 }
 
+/// Where a device stands with respect to the background (issue 15's passive devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Never backgrounded.
+    Active,
+    /// The server confirmed the background (the pong of [`PASSIVE_NONCE`]): no
+    /// presence_updated may arrive until it is woken.
+    Passive,
+    /// Woken: its resync arrived; live updates again, no longer accounted as a churn receiver.
+    Woken,
+}
+
 /// What one stream has seen: a field of its own so that recording (which borrows `shared`)
 /// can update it without cloning the `Arc` per message.
 struct View {
     user: u64,
     tracked: bool,
-    /// Contact id -> last version seen, for each contact in the welcome. A hash map, not a
-    /// sorted vector: a device hears from its contacts a few times a second, so its state is
-    /// cold and each cache line a lookup touches is a miss (a binary search touched about six,
-    /// and was 13% of the bench's CPU under churn; a lookup here touches about two).
-    contacts: IdMap,
+    mode: Mode,
+    /// Contact id -> last version seen, for each contact in the welcome.
+    contacts: Versions,
     own_last: u64,
+    /// The users of the resync being received (its pages so far): at most one entry each.
+    resync: Vec<u64>,
 }
 
 #[allow(clippy::large_enum_variant)] // One short-lived value per message: not worth a box.
 enum Step {
-    Message(Result<Option<pb::ServerMessage>, tonic::Status>),
+    Message(Result<Option<Incoming>, tonic::Status>),
     Command(Option<Cmd>),
 }
 
@@ -210,7 +277,7 @@ impl Device {
 
     /// Only the responses are read: a second queue polled after every message cost a cache
     /// miss per delivery. The pong of the closing ping ends it.
-    async fn run_steady(&mut self, mut responses: Streaming<pb::ServerMessage>) {
+    async fn run_steady(&mut self, mut responses: Streaming<Incoming>) {
         loop {
             match responses.message().await {
                 Ok(Some(m)) => {
@@ -292,11 +359,20 @@ impl Device {
     }
 
     /// Checks one message; returns true for the pong that closes a steady device.
-    fn on_message(&mut self, m: pb::ServerMessage) -> bool {
-        let p = match m.kind {
-            Some(server_message::Kind::PresenceUpdated(p)) => p,
-            Some(server_message::Kind::Pong(pong)) => return pong.nonce == CLOSE_NONCE,
-            _ => return false,
+    fn on_message(&mut self, m: Incoming) -> bool {
+        let p = match m {
+            Incoming::Presence(p) => p,
+            Incoming::Pong(CLOSE_NONCE) => return true,
+            Incoming::Pong(PASSIVE_NONCE) => {
+                self.view.mode = Mode::Passive;
+                self.shared.recorder.with(|t| t.counters.backgrounded += 1);
+                return false;
+            }
+            Incoming::Resync(r) => {
+                self.on_resync(r);
+                return false;
+            }
+            Incoming::Pong(_) | Incoming::Welcome(_) | Incoming::Other => return false,
         };
         let now = Instant::now();
         let plan = self.shared.plan.get();
@@ -304,11 +380,69 @@ impl Device {
         let problem = self
             .shared
             .recorder
-            .with(|t| view.on_presence(&p, now, plan, t));
+            .with(|t| view.on_presence(p, now, plan, t));
         if let Some(what) = problem {
             self.shared.recorder.error(what);
         }
         false
+    }
+
+    /// One page of a resync: every entry must be newer than what this device had of that user,
+    /// and no user may appear twice in one resync. The last page ends the wake: its latency
+    /// counts from when the driver asked the device to wake.
+    fn on_resync(&mut self, page: wire::Resync) {
+        let now = Instant::now();
+        let view = &mut self.view;
+        let mut problems = Vec::new();
+        let shared = &self.shared;
+        shared.recorder.with(|t| {
+            if view.mode != Mode::Passive {
+                t.counters.resync_unexpected += 1;
+                problems.push(format!(
+                    "user {}: a resync while not in the background",
+                    view.user
+                ));
+            }
+            for p in &page.users {
+                if let Some(what) = view.on_resync_entry(*p, t) {
+                    problems.push(what);
+                }
+            }
+            if !page.last_page {
+                return;
+            }
+            let entries = view.resync.len() as u64;
+            view.resync.sort_unstable();
+            let repeated = view.resync.windows(2).filter(|w| w[0] == w[1]).count() as u64;
+            if repeated > 0 {
+                t.counters.resync_duplicates += repeated;
+                problems.push(format!(
+                    "user {}: a resync of {entries} entries repeats {repeated} users",
+                    view.user
+                ));
+            }
+            view.resync = Vec::new();
+            view.mode = Mode::Woken;
+            t.counters.resyncs += 1;
+            t.counters.resync_entries += entries;
+            t.record_value(Hist::ResyncSize, entries);
+            match shared.own[view.user as usize]
+                .wake_at
+                .load(Ordering::Acquire)
+            {
+                0 => t.counters.resync_unexpected += 1,
+                at => t.record(
+                    Hist::Wake,
+                    now.saturating_duration_since(shared.epoch + Duration::from_nanos(at - 1)),
+                ),
+            }
+        });
+        shared
+            .last_resync_ns
+            .fetch_max(shared.since_epoch(now), Ordering::AcqRel);
+        for what in problems {
+            shared.recorder.error(what);
+        }
     }
 }
 
@@ -322,28 +456,82 @@ fn status_message(status: pb::Status) -> pb::ClientMessage {
     }
 }
 
-/// Hashes a user id by one multiplication: ids are small integers, and std's SipHash cost more
-/// than the lookup it serves.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+fn activity_message(activity: pb::Activity) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::SetActivity(pb::SetActivity {
+            activity: activity as i32,
+        })),
     }
 }
 
-type IdMap = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
+fn ping_message(nonce: u64) -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Ping(pb::Ping { nonce })),
+    }
+}
+
+/// Contact id -> last version seen: open addressing with linear probing, one 16-byte slot per
+/// entry, at most about half full. A device hears from its contacts a few times a second, so
+/// its table is cold when a delivery arrives and each cache line a lookup touches is a miss: a
+/// binary search touched about six (13% of the bench's CPU under churn), std's hash map two (its
+/// control bytes, then the bucket: 10% of the bench's CPU in a profile at 300k deliveries/s);
+/// this one usually one.
+struct Versions {
+    /// (id + 1, version); 0 marks an empty slot.
+    slots: Box<[(u64, u64)]>,
+    /// 64 - log2(slots): Fibonacci hashing keeps the top bits, which spreads the consecutive
+    /// ids of a ring's neighbours over the table.
+    shift: u32,
+}
+
+impl Versions {
+    fn new(entries: &[(u64, u64)]) -> Versions {
+        let len = (entries.len() * 2).next_power_of_two().max(8);
+        let mut t = Versions {
+            slots: vec![(0, 0); len].into_boxed_slice(),
+            shift: 64 - len.trailing_zeros(),
+        };
+        for &(id, version) in entries {
+            match t.get_mut(id) {
+                Some(v) => *v = version,
+                None => {
+                    let i = t.probe(id);
+                    t.slots[i] = (id.wrapping_add(1), version);
+                }
+            }
+        }
+        t
+    }
+
+    /// The slot holding `id`, or the empty one where it would go.
+    #[inline]
+    fn probe(&self, id: u64) -> usize {
+        let key = id.wrapping_add(1);
+        let mask = self.slots.len() - 1;
+        let mut i = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
+        loop {
+            let k = self.slots[i].0;
+            if k == key || k == 0 {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn get_mut(&mut self, id: u64) -> Option<&mut u64> {
+        let i = self.probe(id);
+        let slot = &mut self.slots[i];
+        (slot.0 != 0).then_some(&mut slot.1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.0 != 0)
+            .map(|&(k, v)| (k.wrapping_sub(1), v))
+    }
+}
 
 impl View {
     /// What a welcome lists is what this stream has seen so far.
@@ -351,12 +539,16 @@ impl View {
         View {
             user,
             tracked,
-            contacts: welcome
-                .contacts
-                .iter()
-                .map(|p| (p.user_id, p.version))
-                .collect(),
+            mode: Mode::Active,
+            contacts: Versions::new(
+                &welcome
+                    .contacts
+                    .iter()
+                    .map(|p| (p.user_id, p.version))
+                    .collect::<Vec<_>>(),
+            ),
             own_last: welcome.self_.as_ref().map_or(0, |p| p.version),
+            resync: Vec::new(),
         }
     }
 
@@ -364,12 +556,18 @@ impl View {
     /// for the report's error list.
     fn on_presence(
         &mut self,
-        p: &pb::UserPresence,
+        p: wire::Presence,
         now: Instant,
         plan: Option<&Plan>,
         t: &mut Tally,
     ) -> Option<String> {
-        let (me, u, v) = (self.user, p.user_id, p.version);
+        let (me, u, v) = (self.user, p.user, p.version);
+        if self.mode == Mode::Passive {
+            t.counters.passive_received += 1;
+            return Some(format!(
+                "user {me}: presence_updated of user {u} (version {v}) while in the background"
+            ));
+        }
         if u == me {
             t.counters.echoes += 1;
             if v <= self.own_last {
@@ -382,7 +580,7 @@ impl View {
             self.own_last = v;
             return None;
         }
-        let Some(seen) = self.contacts.get_mut(&u) else {
+        let Some(seen) = self.contacts.get_mut(u) else {
             t.counters.unexpected += 1;
             return Some(format!("user {me}: update of user {u}, not a contact"));
         };
@@ -398,7 +596,7 @@ impl View {
             t.counters.other_received += 1;
             return None;
         };
-        if !self.tracked {
+        if !self.tracked || self.mode != Mode::Active {
             t.counters.churn_untracked += 1;
             return None;
         }
@@ -418,15 +616,46 @@ impl View {
         None
     }
 
+    /// One resync entry: newer than what this device had of the user (a contact, or itself).
+    fn on_resync_entry(&mut self, p: wire::Presence, t: &mut Tally) -> Option<String> {
+        let (me, u, v) = (self.user, p.user, p.version);
+        self.resync.push(u);
+        let last = if u == me {
+            &mut self.own_last
+        } else if let Some(seen) = self.contacts.get_mut(u) {
+            seen
+        } else {
+            t.counters.resync_stale += 1;
+            return Some(format!(
+                "user {me}: resync entry of user {u}, not a contact"
+            ));
+        };
+        if v <= *last {
+            t.counters.resync_stale += 1;
+            return Some(format!(
+                "user {me}: resync entry of user {u} at version {v}, not newer than {}",
+                *last
+            ));
+        }
+        *last = v;
+        None
+    }
+
     /// Counts, for a tracked receiver, the churn changes whose final version never arrived.
+    /// A device that went to the background is not one: the server skips it by design (the
+    /// skipped deliveries are counted by the server, and its resync is checked instead).
     fn finish(&self, shared: &Shared) {
-        let Some(plan) = shared.plan.get().filter(|_| self.tracked) else {
+        let Some(plan) = shared
+            .plan
+            .get()
+            .filter(|_| self.tracked && self.mode == Mode::Active)
+        else {
             return;
         };
         let lost: u64 = self
             .contacts
             .iter()
-            .filter_map(|(&u, &last)| {
+            .filter_map(|(u, last)| {
                 let (base, fin) = plan.versions(u)?;
                 Some(fin.saturating_sub(last.max(base)))
             })
@@ -532,6 +761,25 @@ impl Fleet {
             .is_some_and(|tx| tx.send(cmd).is_ok())
     }
 
+    /// Sends a steady device to the background: `set_activity` BACKGROUND, then a ping whose
+    /// pong tells the device it is passive (counted as `backgrounded`). False when it has no
+    /// live stream.
+    pub fn background(&self, user: u64) -> bool {
+        self.steady(user).is_some_and(|tx| {
+            tx.send(activity_message(pb::Activity::Background)).is_ok()
+                && tx.send(ping_message(PASSIVE_NONCE)).is_ok()
+        })
+    }
+
+    /// Wakes a steady device (`set_activity` ACTIVE), its resync's latency counted from now.
+    pub fn wake(&self, user: u64) -> bool {
+        let Some(tx) = self.steady(user) else {
+            return false;
+        };
+        self.shared.mark_wake(user, Instant::now());
+        tx.send(activity_message(pb::Activity::Active)).is_ok()
+    }
+
     fn steady(&self, user: u64) -> Option<&mpsc::UnboundedSender<pb::ClientMessage>> {
         self.shared.own.get(user as usize)?.requests.get()
     }
@@ -543,9 +791,7 @@ impl Fleet {
         self.commands.clear();
         for own in &self.shared.own {
             if let Some(tx) = own.requests.get() {
-                let _ = tx.send(pb::ClientMessage {
-                    kind: Some(client_message::Kind::Ping(pb::Ping { nonce: CLOSE_NONCE })),
-                });
+                let _ = tx.send(ping_message(CLOSE_NONCE));
             }
         }
         let all = futures::future::join_all(self.tasks.drain(..));

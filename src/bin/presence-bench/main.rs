@@ -20,7 +20,9 @@ mod plan;
 mod recorder;
 mod report;
 mod scenario;
+mod suite;
 mod sysinfo;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,7 +73,47 @@ enum Scenario {
         /// Status changes per second, spread over the online users.
         #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         rate: u64,
+        /// Send this share of the online devices (in percent, chosen at random) to the
+        /// background first (set_activity ACTIVITY_BACKGROUND): they receive nothing (the
+        /// server skips them; sent vs skipped is reported) and the others churn.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=99))]
+        passive: u64,
     },
+    /// With C online and --passive % of them in the background, the others churn at --rate for
+    /// --duration (server CPU per change, deliveries sent vs skipped); then --waves waves each
+    /// wake --wake passive devices at once (set_activity ACTIVITY_ACTIVE): wake-to-resync
+    /// latency (to the resync's last page), resync sizes, and every resync entry checked
+    /// (newer than what the device had, at most one per user).
+    ///
+    /// Example (issue 15's target: a wave of 10,000 complete within 2 s at p99):
+    ///   presence-bench passive --passive 80 --rate 6000 --duration 20 --wake 10000
+    #[command(verbatim_doc_comment)]
+    Passive {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        rate: u64,
+        /// Share of the online devices in the background, in percent.
+        #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u64).range(0..=99))]
+        passive: u64,
+        /// Devices woken at once per wave.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        wake: u64,
+        /// Waves, each of different passive devices (waves x wake must not exceed them).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        waves: u64,
+    },
+    /// The standard scenarios, each --runs times on a fresh server (the binary given with
+    /// --server), summarised as min / median / max with the machine, the commit, the date and
+    /// the other load of each run, judged against the bars; then the server's instructions per
+    /// delivery under callgrind. Writes <date>-<commit>.md and .json to --out.
+    ///
+    /// Example:
+    ///   cargo build --release --bins
+    ///   ulimit -n $(ulimit -Hn)
+    ///   target/release/presence-bench suite --server target/release/presence
+    #[command(verbatim_doc_comment)]
+    Suite(suite::SuiteArgs),
     /// With C online, devices disconnect and reconnect at --rate per second: reconnects/s and
     /// deliveries per flap (compare PRESENCE_OFFLINE_GRACE_MS=0 with a grace).
     Flap {
@@ -150,6 +192,13 @@ pub struct Common {
     /// Seed of the shuffles and of the random ids.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A shell command run (and waited for) as the measured phase begins, after the server's
+    /// counters are read; e.g. `callgrind_control --zero PID` (the suite's instruction count).
+    #[arg(long)]
+    pub on_phase_start: Option<String>,
+    /// A shell command run as the measured phase ends, before the server's counters are read.
+    #[arg(long)]
+    pub on_phase_end: Option<String>,
 }
 
 #[tokio::main]
@@ -161,6 +210,21 @@ async fn main() -> ExitCode {
         }
         Ok(_) => {}
         Err(e) => eprintln!("warning: cannot raise the open-file limit: {e}"),
+    }
+    if let Scenario::Suite(args) = cli.scenario {
+        // The suite only starts processes and waits for them.
+        return match tokio::task::spawn_blocking(move || suite::run(args)).await {
+            Ok(Ok(true)) => ExitCode::SUCCESS,
+            Ok(Ok(false)) => ExitCode::from(1),
+            Ok(Err(e)) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("error: the suite panicked: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     match run(cli.scenario).await {
         Ok(true) => ExitCode::SUCCESS,
@@ -176,7 +240,21 @@ async fn main() -> ExitCode {
 async fn run(scenario: Scenario) -> anyhow::Result<bool> {
     let (report, json) = match scenario {
         Scenario::Connect { common } => (scenario::connect(&common).await?, common.json),
-        Scenario::Churn { common, rate } => (scenario::churn(&common, rate).await?, common.json),
+        Scenario::Churn {
+            common,
+            rate,
+            passive,
+        } => (scenario::churn(&common, rate, passive).await?, common.json),
+        Scenario::Passive {
+            common,
+            rate,
+            passive,
+            wake,
+            waves,
+        } => (
+            scenario::passive(&common, rate, passive, wake, waves).await?,
+            common.json,
+        ),
         Scenario::Flap { common, rate } => (scenario::flap(&common, rate).await?, common.json),
         Scenario::Query {
             common,
@@ -190,6 +268,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             scenario::mixed(&common, rate, ids as usize).await?,
             common.json,
         ),
+        Scenario::Suite(_) => unreachable!("main runs the suite"),
     };
     print!("{}", report.table());
     if let Some(path) = json {

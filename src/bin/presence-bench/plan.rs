@@ -36,7 +36,13 @@ impl Schedule {
 
     /// When event `i` is due.
     pub fn at(&self, i: u64) -> Instant {
-        self.t0 + Duration::from_nanos((i as u128 * 1_000_000_000 / self.rate as u128) as u64)
+        // In u64 (a receiver computes this per delivery; u128 division is a library call):
+        // rate * duration <= 3.6e9 events, so i * 1e9 fits.
+        let nanos = match i.checked_mul(1_000_000_000) {
+            Some(n) => n / self.rate,
+            None => (i as u128 * 1_000_000_000 / self.rate as u128) as u64,
+        };
+        self.t0 + Duration::from_nanos(nanos)
     }
 
     /// How many events are due at `now` (all those scheduled at or before it).

@@ -84,6 +84,22 @@ counters! {
     query_errors,
     /// Open-loop GetPresence calls not made because too many were already in flight.
     query_skipped,
+    /// Devices the server confirmed in the background (the pong after set_activity).
+    backgrounded,
+    /// presence_updated received by a device in the background: the server must skip those.
+    passive_received,
+    /// Resyncs received whole (their last page), one per woken device.
+    resyncs,
+    /// Entries in those resyncs.
+    resync_entries,
+    /// Resync entries not newer than what the device had of that user, or of a stranger.
+    resync_stale,
+    /// Resync entries repeating a user already in the same resync.
+    resync_duplicates,
+    /// Resyncs received by a device not in the background, or never asked to wake.
+    resync_unexpected,
+    /// Woken devices whose whole resync did not arrive within the wave's time limit.
+    resyncs_missing,
 }
 
 /// The histograms a recorder keeps, all in microseconds.
@@ -99,16 +115,18 @@ pub enum Hist {
     SendLag,
     /// GetPresence, from the scheduled (open loop) or actual (closed loop) start to the answer.
     Query,
+    /// A woken device: from the driver's set_activity ACTIVE to its resync's last page.
+    Wake,
+    /// Entries per resync (a count, not a time).
+    ResyncSize,
 }
 
-const HISTS: usize = 5;
+const HISTS: usize = 7;
 
 /// One thread's share.
 pub struct Tally {
     pub counters: Counters,
     hists: [Histogram<u64>; HISTS],
-    /// The same since the progress line last took them: one second's distribution.
-    recent: [Histogram<u64>; HISTS],
 }
 
 impl Tally {
@@ -116,14 +134,18 @@ impl Tally {
         Tally {
             counters: Counters::default(),
             hists: std::array::from_fn(|_| new_histogram()),
-            recent: std::array::from_fn(|_| new_histogram()),
         }
     }
 
+    /// One histogram record per event: the progress line's one-second view is the difference
+    /// of two snapshots (see [`Recorder::take_recent`]), not a second histogram kept per event.
     pub fn record(&mut self, hist: Hist, latency: Duration) {
-        let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
-        self.hists[hist as usize].saturating_record(micros);
-        self.recent[hist as usize].saturating_record(micros);
+        self.record_value(hist, (latency.as_micros() as u64).max(1));
+    }
+
+    /// Records a value (microseconds, or a count for [`Hist::ResyncSize`]).
+    pub fn record_value(&mut self, hist: Hist, value: u64) {
+        self.hists[hist as usize].saturating_record(value.min(MAX_MICROS));
     }
 }
 
@@ -139,6 +161,8 @@ struct Slot(Mutex<Tally>);
 pub struct Recorder {
     slots: Box<[Slot]>,
     errors: Mutex<Vec<String>>,
+    /// What [`Recorder::take_recent`] last saw of each histogram.
+    seen: Mutex<Vec<Histogram<u64>>>,
 }
 
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
@@ -164,6 +188,7 @@ impl Default for Recorder {
         Recorder {
             slots: (0..SLOTS).map(|_| Slot(Mutex::new(Tally::new()))).collect(),
             errors: Mutex::new(Vec::new()),
+            seen: Mutex::new((0..HISTS).map(|_| new_histogram()).collect()),
         }
     }
 }
@@ -210,21 +235,48 @@ impl Recorder {
         sum
     }
 
-    /// The distribution recorded since the last call, merged over every slot.
+    /// The distribution recorded since the last call, merged over every slot: the merged
+    /// histogram now, less the one the last call saw.
     pub fn take_recent(&self, hist: Hist) -> Quantiles {
-        let mut sum = new_histogram();
-        for s in self.slots.iter() {
-            let mut t = s.0.lock().expect("recorder slot poisoned");
-            let h = &mut t.recent[hist as usize];
-            sum.add(&*h)
-                .expect("histograms with the same bounds always merge");
-            h.reset();
+        let now = self.histogram(hist);
+        let mut seen = self.seen.lock().expect("seen histograms poisoned");
+        let mut recent = now.clone();
+        // Histograms only grow, so this never fails; if it did, show everything.
+        if recent.subtract(&seen[hist as usize]).is_err() {
+            recent = now.clone();
         }
-        Quantiles::of(&sum)
+        seen[hist as usize] = now;
+        Quantiles::of(&recent)
     }
 
     pub fn quantiles(&self, hist: Hist) -> Quantiles {
         Quantiles::of(&self.histogram(hist))
+    }
+}
+
+/// A distribution of counts (entries per resync).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Sizes {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Recorder {
+    pub fn sizes(&self, hist: Hist) -> Sizes {
+        let h = self.histogram(hist);
+        if h.is_empty() {
+            return Sizes::default();
+        }
+        Sizes {
+            count: h.len(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.50),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::client::ServerStats;
 use crate::graph::SetupFigures;
-use crate::recorder::{Counters, Quantiles};
+use crate::recorder::{Counters, Quantiles, Sizes};
 use crate::sysinfo::ProcFigures;
 
 #[derive(Debug, Default, Serialize)]
@@ -19,7 +19,9 @@ pub struct Report {
     pub churn: Option<ChurnFigures>,
     pub flap: Option<FlapFigures>,
     pub query: Option<QueryFigures>,
-    /// The server and the processes over the measured phase.
+    /// Background (passive) devices: `churn --passive`, and the `passive` scenario's waves.
+    pub passive: Option<PassiveFigures>,
+    /// The server and the processes over the measured phase (the churn, for `passive`).
     pub phase: Option<PhaseFigures>,
     pub checks: Checks,
     /// Every bench counter, for whoever wants more than the figures above.
@@ -42,6 +44,11 @@ pub struct Params {
     pub rate: Option<u64>,
     pub workers: Option<usize>,
     pub ids_per_call: Option<usize>,
+    /// Share of the online devices sent to the background before the churn, in percent.
+    pub passive_percent: Option<u64>,
+    /// `passive`: devices woken at once per wave, and waves.
+    pub wake: Option<u64>,
+    pub waves: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -120,6 +127,53 @@ pub struct QueryFigures {
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
+pub struct PassiveFigures {
+    /// Share of the online devices in the background, in percent.
+    pub percent: u64,
+    /// Devices sent to the background, and those the server confirmed (the pong of a ping
+    /// sent right after set_activity).
+    pub devices: u64,
+    pub confirmed: u64,
+    pub background_seconds: f64,
+    /// During the churn, from GetStats: presence_updated queued to receivers, and deliveries
+    /// not sent because the receiver was in the background.
+    pub deliveries_sent: u64,
+    pub deliveries_skipped: u64,
+    /// The skips the graph implies: each change sent times the sender's passive online
+    /// contacts (equal to `deliveries_skipped` when nothing else changed).
+    pub skipped_implied: u64,
+    /// presence_updated that reached a device in the background (must be 0).
+    pub received_while_passive: u64,
+    pub waves: Vec<WaveFigures>,
+    /// Over every wave: set_activity ACTIVE sent to the resync's last page received.
+    pub wake_to_resync: Quantiles,
+    /// Entries per resync.
+    pub resync_entries: Sizes,
+    pub resyncs: u64,
+    /// Entries not newer than what the device had of that user (or of a stranger); users
+    /// repeated within one resync; woken devices that never got their whole resync. All 0.
+    pub resync_stale: u64,
+    pub resync_duplicates: u64,
+    pub resyncs_missing: u64,
+    /// The server and the processes over the waves.
+    pub wave_phase: Option<PhaseFigures>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct WaveFigures {
+    /// Devices in the wave, and those asked to wake (a live stream).
+    pub devices: u64,
+    pub woken: u64,
+    /// Whole resyncs received within the wave's time limit.
+    pub resyncs: u64,
+    /// How long the driver took to send every wake.
+    pub send_ms: f64,
+    /// From the first wake sent to the last resync received (None if some never came).
+    pub complete_ms: Option<f64>,
+    pub wake_to_resync: Quantiles,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct PhaseFigures {
     pub seconds: f64,
     pub server_before: ServerStats,
@@ -131,6 +185,14 @@ pub struct PhaseFigures {
     pub db_rows_per_change: Option<f64>,
     pub deliveries_per_change: Option<f64>,
     pub server_deliveries_per_s: f64,
+    /// Server CPU time (utime + stime) over the phase, per change and per delivery (GetStats
+    /// counts), in microseconds. Needs --server-pid.
+    pub server_cpu_us_per_change: Option<f64>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// presence_updated messages the bench's devices took in during the phase, and the bench's
+    /// own CPU time per each, in microseconds (the instrument's cost).
+    pub bench_received: u64,
+    pub bench_cpu_us_per_delivery: Option<f64>,
     pub server_process: Option<ProcFigures>,
     pub bench_process: Option<ProcFigures>,
     /// CPU cores the whole machine used during the phase (of 2 here).
@@ -151,6 +213,13 @@ pub struct Checks {
     pub connect_errors: u64,
     pub reconnect_errors: u64,
     pub query_errors: u64,
+    /// Background devices: updates received while passive, resync entries not newer than
+    /// what the device had, users repeated in a resync, resyncs unexpected or never received.
+    pub passive_received: u64,
+    pub resync_stale: u64,
+    pub resync_duplicates: u64,
+    pub resync_unexpected: u64,
+    pub resyncs_missing: u64,
     /// Every check above is zero.
     pub ok: bool,
 }
@@ -166,6 +235,11 @@ impl Checks {
             connect_errors: c.connect_errors,
             reconnect_errors: c.reconnect_errors,
             query_errors: c.query_errors,
+            passive_received: c.passive_received,
+            resync_stale: c.resync_stale,
+            resync_duplicates: c.resync_duplicates,
+            resync_unexpected: c.resync_unexpected,
+            resyncs_missing: c.resyncs_missing,
             ok: false,
         };
         k.ok = [
@@ -177,6 +251,11 @@ impl Checks {
             k.connect_errors,
             k.reconnect_errors,
             k.query_errors,
+            k.passive_received,
+            k.resync_stale,
+            k.resync_duplicates,
+            k.resync_unexpected,
+            k.resyncs_missing,
         ]
         .iter()
         .all(|&n| n == 0);
@@ -342,64 +421,10 @@ impl Report {
             row("  latency", q.latency.line());
         }
         if let Some(ph) = &self.phase {
-            let d = &ph.server_delta;
-            row(
-                "server (GetStats)",
-                format!(
-                    "changes {}, deliveries {} = {}/s, coalesced {}",
-                    thousands(d.changes),
-                    thousands(d.deliveries),
-                    rate(ph.server_deliveries_per_s),
-                    thousands(d.coalesced)
-                ),
-            );
-            row(
-                "  database",
-                format!(
-                    "{} statements, {} rows: {} statements and {} rows per change",
-                    thousands(d.db_statements),
-                    thousands(d.db_rows),
-                    opt(ph.db_statements_per_change, 4),
-                    opt(ph.db_rows_per_change, 3)
-                ),
-            );
-            row(
-                "  gauges at end",
-                format!(
-                    "online users {}, connections {}, watchers {}",
-                    thousands(d.online_users),
-                    thousands(d.connections),
-                    thousands(d.watchers)
-                ),
-            );
-            for (name, proc_) in [
-                ("server process", &ph.server_process),
-                ("bench process", &ph.bench_process),
-            ] {
-                if let Some(pr) = proc_ {
-                    row(
-                        name,
-                        format!(
-                            "RSS {} -> {} (peak {}), CPU {:.2} cores",
-                            mib(pr.rss_start_kib),
-                            mib(pr.rss_end_kib),
-                            mib(pr.rss_peak_kib),
-                            pr.cpu_cores
-                        ),
-                    );
-                }
-            }
+            phase_rows(&mut row, "", ph);
         }
-        if let Some(ph) = &self.phase
-            && let Some(m) = ph.machine_cores
-        {
-            row(
-                "machine",
-                format!(
-                    "{m:.2} cores busy, of which not server or bench {}",
-                    opt(ph.other_processes_cores, 2)
-                ),
-            );
+        if let Some(pf) = &self.passive {
+            passive_rows(&mut row, pf);
         }
         let k = &self.checks;
         row(
@@ -417,6 +442,19 @@ impl Report {
                 k.query_errors
             ),
         );
+        if self.passive.is_some() {
+            row(
+                "  background checks",
+                format!(
+                    "received while passive {}, stale resync entries {}, repeated {}, unexpected resyncs {}, missing {}",
+                    k.passive_received,
+                    k.resync_stale,
+                    k.resync_duplicates,
+                    k.resync_unexpected,
+                    k.resyncs_missing
+                ),
+            );
+        }
         for e in self.errors.iter().take(5) {
             row("  error", e.clone());
         }
@@ -426,6 +464,135 @@ impl Report {
             let _ = writeln!(out, "{k:<width$}  {v}");
         }
         out
+    }
+}
+
+/// The server's counters and the processes' usage over one phase; `label` names the phase
+/// (empty: the main one).
+fn phase_rows(row: &mut impl FnMut(&str, String), label: &str, ph: &PhaseFigures) {
+    let d = &ph.server_delta;
+    row(
+        &format!("server (GetStats){label}"),
+        format!(
+            "changes {}, deliveries {} = {}/s, coalesced {}, skipped (passive) {}",
+            thousands(d.changes),
+            thousands(d.deliveries),
+            rate(ph.server_deliveries_per_s),
+            thousands(d.coalesced),
+            thousands(d.passive_skipped)
+        ),
+    );
+    row(
+        "  database",
+        format!(
+            "{} statements, {} rows: {} statements and {} rows per change",
+            thousands(d.db_statements),
+            thousands(d.db_rows),
+            opt(ph.db_statements_per_change, 4),
+            opt(ph.db_rows_per_change, 3)
+        ),
+    );
+    row(
+        "  gauges at end",
+        format!(
+            "online users {}, connections {}, watchers {}",
+            thousands(d.online_users),
+            thousands(d.connections),
+            thousands(d.watchers)
+        ),
+    );
+    for (name, proc_) in [
+        ("server process", &ph.server_process),
+        ("bench process", &ph.bench_process),
+    ] {
+        if let Some(pr) = proc_ {
+            row(
+                &format!("{name}{label}"),
+                format!(
+                    "RSS {} -> {} (peak {}), CPU {:.2} cores",
+                    mib(pr.rss_start_kib),
+                    mib(pr.rss_end_kib),
+                    mib(pr.rss_peak_kib),
+                    pr.cpu_cores
+                ),
+            );
+        }
+    }
+    if ph.server_cpu_us_per_change.is_some() || ph.bench_cpu_us_per_delivery.is_some() {
+        row(
+            "  CPU per event",
+            format!(
+                "server {} µs per change, {} µs per delivery; bench {} µs per delivery received ({})",
+                opt(ph.server_cpu_us_per_change, 1),
+                opt(ph.server_cpu_us_per_delivery, 2),
+                opt(ph.bench_cpu_us_per_delivery, 2),
+                thousands(ph.bench_received)
+            ),
+        );
+    }
+    if let Some(m) = ph.machine_cores {
+        row(
+            &format!("machine{label}"),
+            format!(
+                "{m:.2} cores busy, of which not server or bench {}",
+                opt(ph.other_processes_cores, 2)
+            ),
+        );
+    }
+}
+
+fn passive_rows(row: &mut impl FnMut(&str, String), p: &PassiveFigures) {
+    row(
+        "passive",
+        format!(
+            "{} % of online devices: {} sent to the background, {} confirmed in {:.1} s",
+            p.percent,
+            thousands(p.devices),
+            thousands(p.confirmed),
+            p.background_seconds
+        ),
+    );
+    row(
+        "  churn deliveries",
+        format!(
+            "sent {}, skipped {} (the graph implies {}), received while passive {}",
+            thousands(p.deliveries_sent),
+            thousands(p.deliveries_skipped),
+            thousands(p.skipped_implied),
+            thousands(p.received_while_passive)
+        ),
+    );
+    for (i, w) in p.waves.iter().enumerate() {
+        row(
+            &format!("  wave {}", i + 1),
+            format!(
+                "{} woken (sent in {:.0} ms), {} resyncs, complete in {}; {}",
+                thousands(w.woken),
+                w.send_ms,
+                thousands(w.resyncs),
+                w.complete_ms
+                    .map_or("n/a (some missing)".into(), |ms| format!("{ms:.0} ms")),
+                w.wake_to_resync.line()
+            ),
+        );
+    }
+    if !p.waves.is_empty() {
+        row("  wake to resync", p.wake_to_resync.line());
+        let s = &p.resync_entries;
+        row(
+            "  resync entries",
+            format!(
+                "{} resyncs: mean {:.1}, p50 {}, p99 {}, max {}",
+                thousands(s.count),
+                s.mean,
+                s.p50,
+                s.p99,
+                s.max
+            ),
+        );
+    }
+    if let Some(ph) = &p.wave_phase {
+        phase_rows(row, " (waves)", ph);
     }
 }
 

@@ -18,15 +18,20 @@ use crate::client::{Auth, Pool, ServerStats, loopback_targets};
 use crate::device::{Cmd, Fleet, Shared};
 use crate::graph::{self, Ring, SetupMode};
 use crate::plan::{Plan, Schedule};
-use crate::recorder::{Counters, Hist, Recorder};
+use crate::recorder::{Counters, Hist, Quantiles, Recorder};
 use crate::report::{
-    ChurnFigures, ConnectFigures, FlapFigures, Params, PhaseFigures, QueryFigures, Report,
-    thousands,
+    ChurnFigures, ConnectFigures, FlapFigures, Params, PassiveFigures, PhaseFigures, QueryFigures,
+    Report, WaveFigures, thousands,
 };
 use crate::sysinfo::{Sample, Watched, cores_between, machine_cores, machine_ticks};
 
 /// How long after the last scheduled change a receipt may still arrive before it counts as lost.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long to wait for the server to confirm that devices went to the background.
+const BACKGROUND_LIMIT: Duration = Duration::from_secs(30);
+/// How long a wave may take, from its first wake to its last resync, before the devices still
+/// waiting count as missing a resync.
+const WAVE_LIMIT: Duration = Duration::from_secs(30);
 /// How long to wait for flapping devices to finish reconnecting.
 const RECONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// Longest wait for the server to go quiet after a burst (connections, flaps).
@@ -62,6 +67,7 @@ struct Bench {
 struct Phase {
     started: Instant,
     machine: Option<(u64, u64)>,
+    counters: Counters,
     stats: ServerStats,
     server: Option<Sample>,
     me: Option<Sample>,
@@ -221,8 +227,11 @@ impl Bench {
     }
 
     async fn begin(&self) -> anyhow::Result<Phase> {
+        let stats = ServerStats::read(&self.pool, &self.auth).await?;
+        hook(&self.common.on_phase_start).await;
         Ok(Phase {
-            stats: ServerStats::read(&self.pool, &self.auth).await?,
+            stats,
+            counters: self.recorder.counters(),
             server: self.server.as_ref().and_then(|w| w.start()),
             me: self.me.start(),
             machine: machine_ticks(),
@@ -232,6 +241,7 @@ impl Bench {
 
     async fn end(&self, phase: Phase) -> anyhow::Result<PhaseFigures> {
         let seconds = phase.started.elapsed().as_secs_f64();
+        hook(&self.common.on_phase_end).await;
         let after = ServerStats::read(&self.pool, &self.auth).await?;
         let delta = after.since(&phase.stats);
         let per_change = |x: u64| (delta.changes > 0).then(|| x as f64 / delta.changes as f64);
@@ -240,6 +250,12 @@ impl Bench {
         let machine_cores = match (phase.machine, machine_ticks()) {
             (Some(a), Some(b)) => Some(machine_cores(a, b, seconds)),
             _ => None,
+        };
+        let bench_received = received(&self.recorder.counters()) - received(&phase.counters);
+        // CPU seconds over the phase, in microseconds per event.
+        let micros_per = |p: Option<crate::sysinfo::ProcFigures>, n: u64| {
+            p.filter(|_| n > 0)
+                .map(|p| p.cpu_cores * seconds * 1e6 / n as f64)
         };
         Ok(PhaseFigures {
             seconds,
@@ -250,6 +266,10 @@ impl Bench {
             db_rows_per_change: per_change(delta.db_rows),
             deliveries_per_change: per_change(delta.deliveries),
             server_deliveries_per_s: delta.deliveries as f64 / seconds.max(1e-9),
+            server_cpu_us_per_change: micros_per(server_process, delta.changes),
+            server_cpu_us_per_delivery: micros_per(server_process, delta.deliveries),
+            bench_received,
+            bench_cpu_us_per_delivery: micros_per(bench_process, bench_received),
             machine_cores,
             other_processes_cores: machine_cores.map(|m| {
                 let mine = server_process.map_or(0.0, |p| p.cpu_cores)
@@ -266,6 +286,10 @@ impl Bench {
         let recorder = self.recorder.clone();
         let server = self.server.clone();
         Progress(tokio::spawn(async move {
+            // The one-second distributions start from now, not from the last progress line.
+            for hist in [Hist::Delivery, Hist::SendLag, Hist::Query, Hist::Wake] {
+                recorder.take_recent(hist);
+            }
             let started = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
@@ -277,11 +301,13 @@ impl Bench {
                 tick.tick().await;
                 let c = recorder.counters();
                 let mut line = format!("[{label} {:>3.0}s]", started.elapsed().as_secs_f64());
-                let fields: [(&str, Field); 7] = [
+                let fields: [(&str, Field); 9] = [
                     ("connects", |c| c.connects),
+                    ("backgrounded", |c| c.backgrounded),
                     ("changes", |c| c.changes_sent),
                     ("deliveries", |c| c.churn_received),
                     ("other updates", |c| c.other_received),
+                    ("resyncs", |c| c.resyncs),
                     ("reconnects", |c| c.reconnects),
                     ("queries", |c| c.queries),
                     ("errors", errors),
@@ -301,6 +327,7 @@ impl Bench {
                     ("latency", Hist::Delivery),
                     ("send lag", Hist::SendLag),
                     ("query", Hist::Query),
+                    ("wake to resync", Hist::Wake),
                 ] {
                     let q = recorder.take_recent(hist);
                     if q.count > 0 {
@@ -421,6 +448,112 @@ impl Bench {
                 * 1000.0,
             latency: self.recorder.quantiles(Hist::Delivery),
             send_lag: self.recorder.quantiles(Hist::SendLag),
+        }
+    }
+
+    /// Sends `percent` % of the connected online devices, chosen at random, to the background
+    /// and waits until the server confirmed each (and until the auto-away changes that follow
+    /// have been delivered). Returns the passive users, ascending, and the figures so far.
+    async fn go_passive(&mut self, fleet: &Fleet, percent: u64) -> (Vec<u64>, PassiveFigures) {
+        let mut figures = PassiveFigures {
+            percent,
+            ..PassiveFigures::default()
+        };
+        if percent == 0 {
+            return (Vec::new(), figures);
+        }
+        let mut users = self.online_shuffled(|_| true);
+        users.truncate(((users.len() as u64 * percent + 50) / 100) as usize);
+        users.sort_unstable();
+        eprintln!(
+            "passive: sending {} of {} online devices ({percent} %) to the background",
+            thousands(users.len() as u64),
+            thousands(self.common.online)
+        );
+        let before = self.recorder.counters().backgrounded;
+        let started = Instant::now();
+        let asked = users.iter().filter(|&&u| fleet.background(u)).count() as u64;
+        {
+            let _p = self.progress("background");
+            let deadline = started + BACKGROUND_LIMIT;
+            while self.recorder.counters().backgrounded - before < asked
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        figures.devices = users.len() as u64;
+        figures.confirmed = self.recorder.counters().backgrounded - before;
+        figures.background_seconds = started.elapsed().as_secs_f64();
+        if figures.confirmed < asked {
+            self.recorder.error(format!(
+                "only {} of {asked} devices confirmed the background within {BACKGROUND_LIMIT:?}",
+                figures.confirmed
+            ));
+            self.recorder
+                .with(|t| t.counters.stream_errors += asked - figures.confirmed);
+        }
+        // A user whose only device went to the background turns auto-away: let those
+        // deliveries pass before anything is measured.
+        self.settle().await;
+        (users, figures)
+    }
+
+    /// Deliveries the churn's changes should have skipped: each change sent times the sender's
+    /// connected contacts in the background.
+    fn implied_skipped(&self, passive: &[bool]) -> u64 {
+        let Some(plan) = self.shared.plan.get() else {
+            return 0;
+        };
+        plan.churners()
+            .iter()
+            .map(|&u| {
+                let receivers = self
+                    .ring
+                    .contacts(u)
+                    .into_iter()
+                    .filter(|&r| self.shared.connected(r) && passive[r as usize])
+                    .count() as u64;
+                plan.sent(u) * receivers
+            })
+            .sum()
+    }
+
+    /// Wakes `users` at once (set_activity ACTIVE on each device, as fast as the driver can
+    /// send them) and waits until each has its whole resync, at most WAVE_LIMIT.
+    async fn wave(&self, fleet: &Fleet, users: &[u64]) -> WaveFigures {
+        let before = self.recorder.counters().resyncs;
+        let hist_before = self.recorder.histogram(Hist::Wake);
+        let started = Instant::now();
+        let woken = users.iter().filter(|&&u| fleet.wake(u)).count() as u64;
+        let send_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let deadline = started + WAVE_LIMIT;
+        while self.recorder.counters().resyncs - before < woken && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let resyncs = self.recorder.counters().resyncs - before;
+        let missing = woken.saturating_sub(resyncs);
+        if missing > 0 {
+            self.recorder
+                .with(|t| t.counters.resyncs_missing += missing);
+            self.recorder.error(format!(
+                "{missing} of {woken} woken devices had no whole resync {WAVE_LIMIT:?} after the wave began"
+            ));
+        }
+        let mut this_wave = self.recorder.histogram(Hist::Wake);
+        if this_wave.subtract(&hist_before).is_err() {
+            this_wave = self.recorder.histogram(Hist::Wake);
+        }
+        WaveFigures {
+            devices: users.len() as u64,
+            woken,
+            resyncs,
+            send_ms,
+            complete_ms: (missing == 0)
+                .then(|| self.shared.last_resync())
+                .flatten()
+                .map(|at| at.saturating_duration_since(started).as_secs_f64() * 1000.0),
+            wake_to_resync: Quantiles::of(&this_wave),
         }
     }
 
@@ -556,10 +689,41 @@ impl Bench {
         if let Some(ch) = self.report.churn.as_mut() {
             ch.lost = c.lost;
         }
+        if let Some(p) = self.report.passive.as_mut() {
+            p.received_while_passive = c.passive_received;
+            p.resyncs = c.resyncs;
+            p.resync_stale = c.resync_stale;
+            p.resync_duplicates = c.resync_duplicates;
+            p.resyncs_missing = c.resyncs_missing;
+            p.wake_to_resync = self.recorder.quantiles(Hist::Wake);
+            p.resync_entries = self.recorder.sizes(Hist::ResyncSize);
+        }
         self.report.checks = crate::report::Checks::from(&c);
         self.report.counters = c;
         self.report.errors = self.recorder.errors();
         self.report
+    }
+}
+
+/// Runs `--on-phase-start` / `--on-phase-end` with `sh -c` and waits for it; a failure is
+/// reported, not fatal.
+async fn hook(command: &Option<String>) {
+    let Some(command) = command.clone() else {
+        return;
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .status()
+            .map(|s| (command, s))
+    })
+    .await;
+    match outcome {
+        Ok(Ok((_, status))) if status.success() => {}
+        Ok(Ok((command, status))) => eprintln!("warning: {command:?} exited with {status}"),
+        Ok(Err(e)) => eprintln!("warning: a phase hook could not run: {e}"),
+        Err(e) => eprintln!("warning: a phase hook panicked: {e}"),
     }
 }
 
@@ -574,6 +738,7 @@ fn received(c: &Counters) -> u64 {
         + c.echoes
         + c.out_of_order
         + c.unexpected
+        + c.passive_received
 }
 
 fn errors(c: &Counters) -> u64 {
@@ -694,22 +859,114 @@ pub async fn connect(common: &Common) -> anyhow::Result<Report> {
 }
 
 /// `churn`: C online, status changes at `rate` per second on an open-loop timetable, every
-/// change matched to every online contact's receipt.
-pub async fn churn(common: &Common, rate: u64) -> anyhow::Result<Report> {
+/// change matched to every online contact's receipt. With `passive` > 0, that share of the
+/// online devices go to the background first: they change nothing and receive nothing (the
+/// server skips them, and counts it), and the others churn.
+pub async fn churn(common: &Common, rate: u64, passive: u64) -> anyhow::Result<Report> {
     let mut b = Bench::new(common, "churn").await?;
     b.report.params.rate = Some(rate);
+    b.report.params.passive_percent = Some(passive);
     b.setup().await?;
     let fleet = b.bring_online(|_| true).await;
-    let churners = b.online_shuffled(|_| true);
+    let (_, figures, _) = passive_churn(&mut b, &fleet, rate, passive).await?;
+    if passive > 0 {
+        b.report.passive = Some(figures);
+    }
+    fleet.close().await;
+    Ok(b.finish())
+}
+
+/// The common part of `churn` and `passive`: background, then churn by the active devices.
+/// Returns the passive users (ascending), their figures so far, and passiveness by user id.
+async fn passive_churn(
+    b: &mut Bench,
+    fleet: &Fleet,
+    rate: u64,
+    percent: u64,
+) -> anyhow::Result<(Vec<u64>, PassiveFigures, Vec<bool>)> {
+    let (passive_users, mut figures) = b.go_passive(fleet, percent).await;
+    let mut is_passive = vec![false; b.common.users as usize + 1];
+    for &u in &passive_users {
+        is_passive[u as usize] = true;
+    }
+    let churners = {
+        let p = &is_passive;
+        b.online_shuffled(|u| !p[u as usize])
+    };
     let phase = b.begin().await?;
     b.install_plan(rate, churners)?;
-    let figures = {
+    let churn = {
         let _p = b.progress("churn");
-        let sent = b.drive_churn(&fleet).await;
-        b.drain_churn(sent, |_| true).await
+        let sent = b.drive_churn(fleet).await;
+        let p = &is_passive;
+        b.drain_churn(sent, |u| !p[u as usize]).await
     };
-    b.report.churn = Some(figures);
-    b.report.phase = Some(b.end(phase).await?);
+    let ph = b.end(phase).await?;
+    figures.deliveries_sent = ph.server_delta.deliveries;
+    figures.deliveries_skipped = ph.server_delta.passive_skipped;
+    figures.skipped_implied = b.implied_skipped(&is_passive);
+    b.report.churn = Some(churn);
+    b.report.phase = Some(ph);
+    Ok((passive_users, figures, is_passive))
+}
+
+/// `passive`: C online, `percent` % of them in the background; the others churn at `rate`
+/// for the duration (server CPU per change, deliveries sent and skipped); then `waves` waves
+/// each wake `wake` passive devices at once: wake-to-resync latency, resync sizes, and every
+/// resync entry checked (newer than what the device had, one per user).
+pub async fn passive(
+    common: &Common,
+    rate: u64,
+    percent: u64,
+    wake: u64,
+    waves: u64,
+) -> anyhow::Result<Report> {
+    let mut b = Bench::new(common, "passive").await?;
+    b.report.params.rate = Some(rate);
+    b.report.params.passive_percent = Some(percent);
+    b.report.params.wake = Some(wake);
+    b.report.params.waves = Some(waves);
+    b.setup().await?;
+    let fleet = b.bring_online(|_| true).await;
+    let (mut passive_users, mut figures, _) = passive_churn(&mut b, &fleet, rate, percent).await?;
+    let needed = wake.saturating_mul(waves);
+    if needed > passive_users.len() as u64 {
+        b.recorder.error(format!(
+            "{waves} waves of {wake} need {needed} passive devices, there are {}: fewer waves run",
+            passive_users.len()
+        ));
+    }
+    passive_users.shuffle(&mut b.rng);
+    b.settle().await;
+    let phase = b.begin().await?;
+    {
+        let _p = b.progress("waves");
+        for (i, group) in passive_users
+            .chunks(wake.max(1) as usize)
+            .filter(|g| g.len() as u64 == wake)
+            .take(waves as usize)
+            .enumerate()
+        {
+            eprintln!(
+                "wave {}: waking {} devices at once",
+                i + 1,
+                thousands(group.len() as u64)
+            );
+            let w = b.wave(&fleet, group).await;
+            eprintln!(
+                "wave {}: {} resyncs, complete in {} ms; wake to resync {}",
+                i + 1,
+                thousands(w.resyncs),
+                w.complete_ms.map_or("n/a".into(), |ms| format!("{ms:.0}")),
+                w.wake_to_resync.line()
+            );
+            figures.waves.push(w);
+            // The woken users' auto-away ends: their contacts hear of it. Let that pass.
+            b.settle().await;
+        }
+    }
+    figures.wave_phase = Some(b.end(phase).await?);
+    b.report.passive = Some(figures);
     fleet.close().await;
     Ok(b.finish())
 }
