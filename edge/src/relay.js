@@ -9,11 +9,12 @@
 // the stream with exponential backoff and jitter and reopens a session for every socket that
 // still wants one. The chosen status is not re-sent: the service persists it.
 //
-// When the connection the stream runs on is going away (the service sent HTTP/2 GOAWAY: it is
-// shutting down, or recycling connections), the edge half-closes the stream itself so the service
-// can finish: the service does not end relay streams when it shuts down, and would otherwise wait
-// for its whole shutdown deadline. The stream's last messages are still handled; then it is
-// reopened as after any end.
+// The service ends relay streams when it shuts down (UNAVAILABLE, once their sessions ended). The
+// edge also watches the connection the stream runs on: when it is going away (the service sent
+// HTTP/2 GOAWAY: it is shutting down, or recycling connections), the edge half-closes the stream
+// itself, so a service that would keep it (one older than 2f7a567 did, until its shutdown
+// deadline) can finish. The stream's last messages are still handled; then it is reopened as
+// after any end.
 //
 // A failure of the stream itself that no retry can fix (the service refuses the edge's service
 // identity, or has no RelayService) is logged as an error naming the setting, and retried at the
@@ -21,10 +22,21 @@
 //
 // Each (re)open asks `credential.open()` for the service identity to send: with EDGE_JWT_SECRET a
 // token the edge minted and renews (service-token.js), so a stream reopened after hours still
-// presents a valid one. The service checks that token only when the stream opens; it does not end
-// the stream when the token expires. Should it do so (UNAUTHENTICATED once the token the stream
-// was opened with has expired), that is not a refusal: the stream is reopened at once with a
-// fresh token, as after any end.
+// presents a valid one. The service ends the stream (UNAUTHENTICATED) when the credential it runs
+// on expires, unless it got a new token of the same service on the stream before
+// (RelayRequest.refresh; src/grpc/relay.rs). So, while a stream is open on a minted token, the
+// edge tracks when the stream's credential expires (the token it opened with, then each refresh
+// the service accepted) and, once a third of that token's life is left, sends `refresh` with a
+// newly minted one; the service answers with a RelayResult (session 0, this request id, code 0 =
+// accepted). A refused refresh is tried again, REFRESH_ATTEMPTS times in all; then, as a last
+// resort before the token expires, the stream is half-closed and reopened with a fresh token (its
+// sessions reopen with it), saying why. A refresh never answered (a service older than RelayRefresh
+// ignores it, and does not end the stream at the token's expiry either) is tried as often, then
+// left alone. A stream that ends UNAUTHENTICATED once its credential has expired anyway (by this
+// host's clock, within EXPIRY_SLACK_MS) is not a refusal: it is reopened at once with a fresh
+// token. A static EDGE_SERVICE_TOKEN cannot be refreshed: when the service ends the stream at its
+// expiry, that is logged as an error saying so and naming EDGE_JWT_SECRET, and the stream is
+// retried at the longest backoff only (the service refuses the expired token).
 const grpc = require('@grpc/grpc-js');
 const { Backoff, NON_RETRYABLE, codeName } = require('./limits');
 
@@ -57,6 +69,16 @@ function refusalHint(code, identityHint) {
 
 /** How close to its expiry (ms, by this host's clock) a credential counts as expired: clocks differ. */
 const EXPIRY_SLACK_MS = 5000;
+/** Refreshes of one stream's credential tried (refused or unanswered) before giving up on them. */
+const REFRESH_ATTEMPTS = 3;
+/**
+ * How long a refresh waits for its answer, and a refused one before the next attempt: a twelfth of
+ * the token's life (REFRESH_ATTEMPTS attempts then end well within the last third of it), between
+ * these bounds.
+ */
+const REFRESH_WAIT_MS = Object.freeze({ min: 50, max: 10000 });
+
+const iso = (ms) => (ms === undefined ? null : new Date(ms).toISOString());
 
 /**
  * What a session holder (a socket binding) provides. The relay sets `sessionId` ('' when the
@@ -76,15 +98,19 @@ class RelayClient {
    * @param {typeof grpc.Client} o.Client presence.v1.RelayService client constructor
    * @param {string} o.target
    * @param {object} o.credential the edge's service identity, asked at each (re)open:
-   *   open() → { metadata: grpc.Metadata, expiresAt?: ms since 1970 }; hint: what to fix when the
-   *   service refuses it
+   *   open() → { metadata: grpc.Metadata, issuedAt?, expiresAt?: ms since 1970 }; refresh() (when
+   *   it can be renewed) → { token, issuedAt, expiresAt }: a new token to send on the open stream;
+   *   hint: what to fix when the service refuses it; expired: what to say when a credential that
+   *   cannot be refreshed expired
    * @param {(groups: object[], sessions: Map<string, object>) => void} o.onDelivery
    * @param {object} o.log
    * @param {object} [o.backoff]
+   * @param {boolean} [o.refresh=true] refresh the stream's credential in-band (false: tests only)
    */
-  constructor({ Client, target, credential, onDelivery, log, backoff, channelOptions }) {
+  constructor({ Client, target, credential, onDelivery, log, backoff, channelOptions, refresh = true }) {
     this.client = new Client(target, grpc.credentials.createInsecure(), { ...DEFAULT_CHANNEL_OPTIONS, ...channelOptions });
     this.credential = credential;
+    this.refreshing = refresh !== false && typeof credential.refresh === 'function';
     this.onDelivery = onDelivery;
     this.log = log;
     this.backoff = new Backoff(backoff);
@@ -92,11 +118,13 @@ class RelayClient {
     this.sessions = new Map(); // session id on the current stream → holder
     this.nextId = 0;
     this.call = null;
-    this.draining = null; // a stream half-closed because its connection is going away
+    this.link = null; // the credential of the current (or draining) stream: see _connect
+    this.refreshIds = 0;
+    this.draining = null; // a stream half-closed (its connection is going away, or refresh failed)
     this.state = 'idle';
     this.timer = null;
     this.closing = null;
-    this.counters = { streams: 0, deliveries: 0, groups: 0 };
+    this.counters = { streams: 0, sessions: 0, deliveries: 0, groups: 0, refreshes: 0 };
   }
 
   start() {
@@ -107,18 +135,23 @@ class RelayClient {
   _connect() {
     this.timer = null;
     if (this.closing) return;
-    const { metadata, expiresAt } = this.credential.open();
+    const { metadata, issuedAt, expiresAt } = this.credential.open();
     const call = this.client.Relay(metadata);
+    // The credential the stream runs on: the one it opened with, then each refresh accepted.
+    // pending: refresh request id → the token sent; refused/unanswered: failed attempts in a row.
+    const link = { call, issuedAt, expiresAt, timer: null, pending: new Map(), refused: 0, unanswered: 0, reason: null };
     this.call = call;
+    this.link = link;
     this.state = 'connecting';
     this.counters.streams += 1;
     let finished = false;
     const finish = (status) => {
       if (finished) return;
       finished = true;
+      this._stopRefresh(link);
       if (this.call === call || this.draining === call) {
         this.draining = null;
-        this._ended(status, expiresAt);
+        this._ended(status, link);
       }
     };
     call.on('metadata', () => {
@@ -126,12 +159,12 @@ class RelayClient {
       this.state = 'open';
       this.backoff.up();
       this.log.info(this.counters.streams > 1 ? 'relay stream reopened' : 'relay stream open', { sessions: this.sessions.size });
-      this._watchConnection(call);
+      this._watchConnection(link);
     });
     call.on('data', (msg) => {
       if (this.call !== call && this.draining !== call) return;
       try {
-        this._dispatch(msg);
+        this._dispatch(msg, link);
       } catch (err) {
         this.log.error('failed to handle a message of the relay stream', { kind: msg && msg.kind, error: String(err && err.stack) });
       }
@@ -140,10 +173,12 @@ class RelayClient {
     call.on('status', finish);
     // Every socket that wants a session gets one on this stream (writes wait for the connection).
     for (const holder of this.members) this._openSession(holder);
+    this._scheduleRefresh(link);
   }
 
-  /** Half-closes `call` once the connection it runs on stops being READY (GOAWAY). */
-  _watchConnection(call) {
+  /** Half-closes the stream of `link` once the connection it runs on stops being READY (GOAWAY). */
+  _watchConnection(link) {
+    const { call } = link;
     const channel = this.client.getChannel();
     let sawReady = false;
     const check = () => {
@@ -155,14 +190,7 @@ class RelayClient {
           state: grpc.connectivityState[state],
           sessions: this.sessions.size,
         });
-        this.call = null; // nothing more is written to it; its last messages are still handled
-        this.draining = call;
-        this.state = 'draining';
-        try {
-          call.end();
-        } catch {
-          // already over
-        }
+        this._drain(link, 'GOAWAY');
         return;
       }
       channel.watchConnectivityState(state, Infinity, check);
@@ -170,7 +198,129 @@ class RelayClient {
     check();
   }
 
-  _dispatch(msg) {
+  /**
+   * Half-closes the current stream (the service then ends it, and its sessions) to reopen it once it
+   * ended: nothing more is written to it; its last messages are still handled.
+   */
+  _drain(link, reason) {
+    this._stopRefresh(link);
+    link.reason = reason;
+    this.call = null;
+    this.draining = link.call;
+    this.state = 'draining';
+    try {
+      link.call.end();
+    } catch {
+      // already over
+    }
+  }
+
+  // ---- in-band refresh of the stream's credential ----------------------------------------------
+
+  /** Sends the next refresh when a third of the life of the stream's current token is left. */
+  _scheduleRefresh(link) {
+    this._stopRefresh(link);
+    if (!this.refreshing || link.issuedAt === undefined || link.expiresAt === undefined) return;
+    const life = Math.max(0, link.expiresAt - link.issuedAt);
+    // (Never at once again: a token minted within the same second as the last one is the same.)
+    const delay = Math.max(REFRESH_WAIT_MS.min, link.expiresAt - life / 3 - Date.now());
+    link.timer = setTimeout(() => this._refresh(link), delay);
+  }
+
+  _stopRefresh(link) {
+    clearTimeout(link.timer);
+    link.timer = null;
+  }
+
+  _refreshWait(link) {
+    const life = Math.max(0, link.expiresAt - link.issuedAt);
+    return Math.round(Math.min(REFRESH_WAIT_MS.max, Math.max(REFRESH_WAIT_MS.min, life / 12)));
+  }
+
+  /** Sends `refresh` with a newly minted token on the stream of `link`. */
+  _refresh(link) {
+    link.timer = null;
+    if (this.call !== link.call) return;
+    let fresh;
+    try {
+      fresh = this.credential.refresh();
+    } catch (err) {
+      this._refreshFailed(link, null, { code: grpc.status.INTERNAL, details: `no token minted: ${err && err.message}` });
+      return;
+    }
+    const id = String(++this.refreshIds);
+    link.pending.set(id, fresh);
+    link.call.write({ refresh: { service_token: fresh.token, request_id: id } });
+    link.timer = setTimeout(() => this._refreshFailed(link, id, null), this._refreshWait(link));
+  }
+
+  /** The service's answer to a refresh (a RelayResult of session 0). */
+  _refreshAnswered(link, result) {
+    const id = String(result.request_id);
+    const fresh = link.pending.get(id);
+    if (!fresh) return;
+    link.pending.delete(id);
+    if (result.code) {
+      // An attempt that timed out was counted already.
+      if (!fresh.timedOut) this._refreshFailed(link, id, { code: result.code, details: result.message });
+      return;
+    }
+    // The stream runs on this token now (even if it is being drained, or the answer came late).
+    link.issuedAt = fresh.issuedAt;
+    link.expiresAt = fresh.expiresAt;
+    link.refused = 0;
+    link.unanswered = 0;
+    this.counters.refreshes += 1;
+    this.log.debug("relay stream's service token refreshed", { expires_at: iso(fresh.expiresAt) });
+    if (this.call === link.call) this._scheduleRefresh(link);
+  }
+
+  /** A refresh was refused (`refusal`: { code, details }) or not answered in time (null). */
+  _refreshFailed(link, id, refusal) {
+    if (this.call !== link.call) return;
+    this._stopRefresh(link);
+    if (refusal) link.refused += 1;
+    else {
+      link.unanswered += 1;
+      const fresh = link.pending.get(id);
+      if (fresh) fresh.timedOut = true; // still accepted should the answer come late
+    }
+    const attempt = link.refused + link.unanswered;
+    const fields = {
+      attempt,
+      attempts: REFRESH_ATTEMPTS,
+      ...(refusal ? { code: codeName(refusal.code), details: refusal.details } : { waited_ms: this._refreshWait(link) }),
+      expires_at: iso(link.expiresAt),
+      sessions: this.sessions.size,
+    };
+    if (attempt < REFRESH_ATTEMPTS) {
+      this.log.warn(
+        refusal
+          ? "the presence service refused to refresh the relay stream's service token; trying again"
+          : "no answer to the refresh of the relay stream's service token; trying again",
+        fields,
+      );
+      link.timer = setTimeout(() => this._refresh(link), refusal ? this._refreshWait(link) : 0);
+      return;
+    }
+    if (!link.refused) {
+      this.log.warn(
+        "the presence service never answered the refresh of the relay stream's service token (one older than " +
+          'this edge ignores it, and does not end the stream when the token expires either); no more refreshes on ' +
+          'this stream: should the service end it when its token expires, it is reopened at once with a fresh one',
+        fields,
+      );
+      return;
+    }
+    this.log.warn(
+      `the presence service refused to refresh the relay stream's service token ${attempt} times in a row; as a ` +
+        'last resort, ending the stream before its token expires and reopening it with a fresh one (its sessions reopen with it)',
+      fields,
+    );
+    this._drain(link, 'refresh refused');
+  }
+
+  _dispatch(msg, link) {
     switch (msg.kind) {
       case 'delivery':
         this.counters.deliveries += 1;
@@ -183,6 +333,11 @@ class RelayClient {
         break;
       }
       case 'result': {
+        // Session 0 stands for the stream itself: the answer to a refresh.
+        if (String(msg.result.session_id) === '0') {
+          this._refreshAnswered(link, msg.result);
+          break;
+        }
         const holder = this.sessions.get(msg.result.session_id);
         if (holder) holder.onResult(msg.result);
         break;
@@ -210,11 +365,13 @@ class RelayClient {
 
   /**
    * @param {object} status
-   * @param {number} [expiresAt] when the credential the stream was opened with expires (ms)
+   * @param {object} link the stream's credential (expiresAt: when the one it ran on expires, ms)
    */
-  _ended(status, expiresAt) {
+  _ended(status, link) {
+    const { expiresAt } = link;
     const wasOpen = this.state === 'open' || this.state === 'draining';
     this.call = null;
+    if (this.link === link) this.link = null;
     this.state = this.closing ? 'closed' : 'down';
     this.sessions.clear();
     const code = status && typeof status.code === 'number' ? status.code : grpc.status.UNKNOWN;
@@ -222,17 +379,29 @@ class RelayClient {
     const holders = [...this.members];
     for (const holder of holders) holder.sessionId = '';
     if (this.closing) return;
-    // An open stream ended because the token it was opened with ran out: the next open carries a
-    // fresh one (when the credential renews; a static EDGE_SERVICE_TOKEN is refused then).
+    // An open stream ended because the token it ran on ran out (not refreshed in time, or no
+    // refresh at all): the next open carries a fresh one when the credential renews. A static
+    // EDGE_SERVICE_TOKEN does not: the service refuses it from now on.
     const expired =
       wasOpen && code === grpc.status.UNAUTHENTICATED && expiresAt !== undefined && Date.now() >= expiresAt - EXPIRY_SLACK_MS;
-    const refused = NON_RETRYABLE.has(code) && !expired;
+    const renewable = typeof this.credential.refresh === 'function';
+    const staticExpired = expired && !renewable;
+    const refused = (NON_RETRYABLE.has(code) && !expired) || staticExpired;
     const delay = refused ? this.backoff.max() : this.backoff.next(status);
     const fields = { code: codeName(code), details, sessions: holders.length, attempt: this.backoff.attempt, delay_ms: delay };
+    if (link.reason) fields.reason = link.reason;
+    if (expiresAt !== undefined) fields.expires_at = iso(expiresAt);
     const hint = refusalHint(code, this.credential.hint);
-    if (refused) this.log.error(`relay stream refused: ${hint}; retrying slowly`, fields);
-    else if (expired) this.log.info('relay stream ended: the service token it was opened with expired; reopening', fields);
-    else this.log.warn('relay stream ended; reopening', fields);
+    if (staticExpired) {
+      this.log.error(`relay stream ended: ${this.credential.expired || 'its service token expired and cannot be renewed'}; retrying slowly`, fields);
+    } else if (refused) this.log.error(`relay stream refused: ${hint}; retrying slowly`, fields);
+    else if (expired) {
+      // With refresh this should not happen (refresh failed, or the service is far behind our clock).
+      this.log[this.refreshing ? 'warn' : 'info']('relay stream ended: the service token it ran on expired; reopening with a fresh one', {
+        ...fields,
+        refresh: this.refreshing ? 'on' : 'off',
+      });
+    } else this.log.warn('relay stream ended; reopening', fields);
     for (const holder of holders) {
       if (refused) holder.onRelayRefused(code, hint);
       else holder.onRelayDown();
@@ -243,6 +412,7 @@ class RelayClient {
   _openSession(holder) {
     const id = String(++this.nextId);
     this.sessions.set(id, holder);
+    this.counters.sessions += 1;
     holder.sessionId = id;
     this.call.write({ open: { session_id: id, ...holder.openFields() } });
     holder.onSessionStarted();
@@ -288,8 +458,12 @@ class RelayClient {
       streams: this.call || this.draining ? 1 : 0,
       sessions: this.sessions.size,
       opened: this.counters.streams,
+      sessions_opened: this.counters.sessions,
       deliveries: this.counters.deliveries,
       groups: this.counters.groups,
+      refreshes: this.counters.refreshes,
+      // When the credential the stream runs on expires (null: no stream, or one that never expires).
+      credential_expires_at: this.link ? iso(this.link.expiresAt) : null,
     };
   }
 
@@ -299,6 +473,7 @@ class RelayClient {
     this.closing = new Promise((resolve) => {
       if (this.timer) clearTimeout(this.timer);
       this.timer = null;
+      if (this.link) this._stopRefresh(this.link);
       const call = this.call || this.draining;
       const done = () => {
         clearTimeout(cut);

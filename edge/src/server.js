@@ -109,8 +109,9 @@ function listen(httpServer, port, host) {
 
 /**
  * The edge's service identity on its relay streams (see relay.js `credential`): a token it mints
- * and renews (jwtSecret), a static token (serviceToken), or, against a development-mode service,
- * `x-presence-service: edge`.
+ * and renews (jwtSecret; `refresh()` mints one to send on the open stream), a static token
+ * (serviceToken; nothing to refresh: `expired` says what to do once it expires), or, against a
+ * development-mode service, `x-presence-service: edge` (which never expires).
  */
 function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, serviceTokenTtlS, log }) {
   const bearer = (token) => {
@@ -123,8 +124,12 @@ function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, se
     return {
       kind: 'minted',
       open() {
-        const { token, exp } = source.current();
-        return { metadata: bearer(token), expiresAt: exp * 1000 };
+        const { token, iat, exp } = source.current();
+        return { metadata: bearer(token), issuedAt: iat * 1000, expiresAt: exp * 1000 };
+      },
+      refresh() {
+        const { token, iat, exp } = source.renew();
+        return { token, issuedAt: iat * 1000, expiresAt: exp * 1000 };
       },
       hint:
         'the presence service refused the service token the edge minted with EDGE_JWT_SECRET: it must be the ' +
@@ -139,8 +144,8 @@ function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, se
     const expiresAt = exp === undefined ? null : new Date(exp).toISOString();
     if (exp !== undefined) {
       log.warn(
-        `EDGE_SERVICE_TOKEN ${exp > Date.now() ? 'expires' : 'expired'} at ${expiresAt}: the edge cannot renew it, and after that it cannot (re)open its relay ` +
-          'stream. Set EDGE_JWT_SECRET (the service\'s PRESENCE_JWT_SECRET) instead: the edge then mints and renews its own.',
+        `EDGE_SERVICE_TOKEN ${exp > Date.now() ? 'expires' : 'expired'} at ${expiresAt}: the edge cannot renew it: the service ends the relay stream then, ` +
+          'and refuses to reopen it. Set EDGE_JWT_SECRET (the service\'s PRESENCE_JWT_SECRET) instead: the edge then mints its own, and refreshes it on the open stream.',
         { expires_at: expiresAt },
       );
     }
@@ -152,6 +157,11 @@ function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, se
         `service's key and not expired${expiresAt ? ` (it expires at ${expiresAt})` : ''}; a static token lives at most ` +
         "PRESENCE_JWT_MAX_TTL_S (24 h by default): set EDGE_JWT_SECRET (the service's PRESENCE_JWT_SECRET) instead, " +
         'and the edge mints and renews its own',
+      expired:
+        `EDGE_SERVICE_TOKEN expired${expiresAt ? ` at ${expiresAt}` : ''}: the presence service ended the relay stream (and every ` +
+        'session on it) and refuses the token from now on; the edge cannot renew a static token. Set EDGE_JWT_SECRET ' +
+        "(the service's PRESENCE_JWT_SECRET) instead of EDGE_SERVICE_TOKEN: the edge then mints its own service token and " +
+        'refreshes it on the open stream before it expires',
       stats: () => ({ source: 'EDGE_SERVICE_TOKEN', expires_at: expiresAt }),
     };
   }
@@ -184,6 +194,9 @@ function serviceCredential({ serviceToken, jwtSecret, jwtIssuer, jwtAudience, se
  * @param {string} [options.jwtAudience] EDGE_JWT_AUDIENCE: `aud` of the minted tokens
  * @param {number} [options.serviceTokenTtlS=900] lifetime of the minted tokens, seconds: 1 to 86400
  *   here (EDGE_SERVICE_TOKEN_TTL_S: 30 to 86400; shorter lifetimes are for tests)
+ * @param {boolean} [options.refreshServiceToken=true] refresh the minted token on the open relay
+ *   stream (RelayRefresh) before it expires; false only in tests, to watch the service end the
+ *   stream at the token's expiry (no environment variable)
  * @param {string} [options.serviceToken] EDGE_SERVICE_TOKEN: a static service JWT, instead of
  *   jwtSecret (one of them is required in token mode); neither in trust-client mode:
  *   `x-presence-service: edge`
@@ -210,6 +223,7 @@ async function startEdge(options = {}) {
     jwtIssuer,
     jwtAudience,
     serviceTokenTtlS,
+    refreshServiceToken = true,
     corsOrigins,
     demo = false,
     backoff,
@@ -244,6 +258,7 @@ async function startEdge(options = {}) {
     backoff,
     onDelivery: createFanOut(io, counters),
     credential,
+    refresh: refreshServiceToken,
   });
   const edge = { identity, log, relay, bindings, backoff, statusRate, commandRate, requestTimeoutMs };
 

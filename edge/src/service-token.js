@@ -10,13 +10,13 @@
 // checks `nbf` with no leeway, so an edge whose clock runs a second ahead of the service's would
 // mint tokens refused as not yet valid, and a token minted now is valid now anyway.
 //
-// Renewal: the service checks the service token when a relay stream opens, and (as of this
-// writing) does not end a relay stream when that token expires (src/grpc/relay.rs keeps no
-// expiry for the stream's own credential, only for sessions opened with a user token). So the
-// token only has to be valid whenever the edge (re)opens its stream: `current()` hands out the
-// cached token while more than a third of its lifetime is left, and mints a new one otherwise.
-// Should the service end the stream when the token expires, relay.js reopens it at once with a
-// fresh token (see `credentialExpired` there).
+// Renewal: the service checks the service token when a relay stream opens, and ends the stream
+// (UNAUTHENTICATED) when the credential it runs on expires, unless the edge sent it a new token of
+// the same service before (RelayRequest.refresh, src/grpc/relay.rs). Two uses, then:
+// `current()` hands out the cached token for a (re)open while more than a third of its lifetime is
+// left, and mints a new one otherwise; `renew()` always mints one, for relay.js to send as a
+// refresh on the open stream once a third of the stream's current token's life is left (and it
+// becomes the cached token, so a reopen presents it too).
 const crypto = require('node:crypto');
 
 /** The service name the edge signs as (`sub`); the service logs callers as `service:edge`. */
@@ -90,16 +90,19 @@ class ServiceTokenSource {
 
   /** { token, iat, exp } valid for at least a third of its lifetime. */
   current() {
-    const now = this.clock();
     const { ttlS } = this.options;
-    if (!this.token || this.token.exp * 1000 - now < (ttlS * 1000) / 3) {
-      this.token = mintServiceToken({ ...this.options, now });
-      this.minted += 1;
-      if (this.log) {
-        this.log.debug(this.minted > 1 ? 'service token renewed' : 'service token minted', {
-          expires_at: new Date(this.token.exp * 1000).toISOString(),
-        });
-      }
+    if (!this.token || this.token.exp * 1000 - this.clock() < (ttlS * 1000) / 3) return this.renew();
+    return this.token;
+  }
+
+  /** A newly minted { token, iat, exp } (the cached one from now on). */
+  renew() {
+    this.token = mintServiceToken({ ...this.options, now: this.clock() });
+    this.minted += 1;
+    if (this.log) {
+      this.log.debug(this.minted > 1 ? 'service token renewed' : 'service token minted', {
+        expires_at: new Date(this.token.exp * 1000).toISOString(),
+      });
     }
     return this.token;
   }

@@ -42,8 +42,9 @@ test('edge reconnects after a presence service restart and presence flows again'
   // Stop the service: the relay stream (and every session on it) ends with UNAVAILABLE.
   const stopped = await server.stop('SIGTERM');
   t.diagnostic(`server stopped: ${JSON.stringify(stopped)}`);
-  // The service does not end relay streams when it shuts down: the edge ends its own on GOAWAY,
-  // or the service would wait for its whole shutdown deadline (and be killed by stop()).
+  // The service ends relay streams when it shuts down (UNAVAILABLE), and the edge ends its own
+  // on GOAWAY anyway: either way the service does not wait for its whole shutdown deadline (and
+  // get killed by stop()).
   assert.deepEqual(stopped, { code: 0, signal: null }, 'the service stopped cleanly, not at its deadline');
   await eventually(() => edge.stats().ready === 0 && edge.stats().relay.streams === 0, { what: 'the edge to notice the stream ended' });
   assert.equal(edge.stats().sessions, 2, 'sockets keep wanting their sessions');

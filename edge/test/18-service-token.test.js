@@ -3,11 +3,11 @@
 //     what `presence token --service edge` prints) and renews it, instead of a static
 //     EDGE_SERVICE_TOKEN that stops working within PRESENCE_JWT_MAX_TTL_S (a day by default).
 //     Settings errors; the token each (re)open presents; a stream the service ends because its
-//     token expired is reopened at once with a fresh one (stand-in service: the real one keeps a
-//     relay stream open past its service token's expiry); and end to end against the real
-//     service: a socket.io client served in token mode by `npm start` (two workers), minted
-//     tokens accepted for unary calls and for the relay, the iss/aud settings, and renewal across
-//     a service restart that happens after the first token expired.
+//     token expired is reopened at once with a fresh one (stand-in service, in-band refresh off);
+//     and end to end against the real service: a socket.io client served in token mode by `npm
+//     start` (two workers), minted tokens accepted for unary calls and for the relay, the iss/aud
+//     settings, and renewal across a service restart that happens after the first token expired.
+//     The in-band refresh of the open stream's token (RelayRefresh) is test 19.
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { execFileSync } = require('node:child_process');
@@ -108,8 +108,15 @@ test('settings: EDGE_JWT_SECRET or EDGE_SERVICE_TOKEN; bad ones exit 2 naming th
 test('stand-in service: each (re)open presents a fresh enough token; a stream ended because its token expired is reopened at once', async (t) => {
   const fake = await startFakePresence();
   cleanups.push(() => fake.stop());
-  // A refusal waits 2.5-5 s (the longest backoff): an expired token must not.
-  const edge = await startTestEdge({ target: fake.target, jwtSecret: SECRET, serviceTokenTtlS: 1, backoff: { initialMs: 20, maxMs: 5000 } });
+  // A refusal waits 2.5-5 s (the longest backoff): an expired token must not. No in-band refresh
+  // (test 19): the stream runs on the token it opened with until the service ends it.
+  const edge = await startTestEdge({
+    target: fake.target,
+    jwtSecret: SECRET,
+    serviceTokenTtlS: 1,
+    refreshServiceToken: false,
+    backoff: { initialMs: 20, maxMs: 5000 },
+  });
   cleanups.push(() => edge.close());
   const alice = await connect(edge.url, { name: 'alice', auth: { token: userToken(ALICE) } });
   t.after(() => alice.close());
@@ -123,7 +130,7 @@ test('stand-in service: each (re)open presents a fresh enough token; a stream en
   assert.equal(claims.exp - claims.iat, 1);
   jwt.verify(fake.authorizations[0].replace(/^Bearer /, ''), SECRET, { algorithms: ['HS256'], clockTolerance: 2 });
 
-  // The service ends the stream once the token expired (the real one does not, as of this writing).
+  // The service ends the stream once the token expired (as the real one does when it was not refreshed).
   await sleep(Math.max(0, claims.exp * 1000 - Date.now()) + 50);
   const ended = Date.now();
   fake.endStream(grpc.status.UNAUTHENTICATED, 'the token of this stream expired');
@@ -133,7 +140,8 @@ test('stand-in service: each (re)open presents a fresh enough token; a stream en
   assert.ok(took < 2000, `reopened at once, not at the longest backoff (${took} ms)`);
   const renewed = decode(fake.authorizations[1].replace(/^Bearer /, ''))[1];
   assert.ok(renewed.exp > claims.exp && renewed.exp * 1000 > Date.now(), 'the reopen presented a fresh token');
-  assert.ok(edge.log.entries.some((e) => e.msg === 'relay stream ended: the service token it was opened with expired; reopening'));
+  assert.ok(edge.log.entries.some((e) => e.msg === 'relay stream ended: the service token it ran on expired; reopening with a fresh one'));
+  assert.deepEqual(fake.refreshes, [], 'refresh is off');
   assert.deepEqual(edge.log.entries.filter((e) => e.level === 'error'), []);
   assert.deepEqual(alice.received('presence_error'), [], 'the socket is not told about the edge\'s credential');
   assert.equal(edge.stats().service_credential.source, 'EDGE_JWT_SECRET');
@@ -236,12 +244,13 @@ test('real service: the token is renewed; a restart after the first one expired 
   const first = edge.stats().service_credential;
   assert.equal(first.minted, 1);
 
-  // Past the first token's expiry: presence still flows (the service checks the token when the
-  // stream opens; the stream goes on, or, were the service to end it, is reopened).
+  // Past the first token's expiry: presence still flows on the same stream (its token was
+  // refreshed in-band, test 19).
   await sleep(Math.max(0, Date.parse(first.expires_at) - Date.now()) + 1100);
   bob.socket.emit('update_status', 'away');
   await alice.presence(BOB, 'away');
-  t.diagnostic(`relay streams opened so far: ${edge.stats().relay.opened} (1: the service kept the stream past the token's expiry)`);
+  assert.equal(edge.stats().relay.opened, 1, 'the stream outlived its first token');
+  assert.ok(edge.stats().relay.refreshes >= 1);
 
   // Restart the service: the reopen must present a token that is valid now.
   const { dir } = server;

@@ -2,7 +2,8 @@
 // A stand-in presence service (real gRPC, grpc-js) whose RelayService answers as the test scripts
 // it: for failures the real service cannot be made to produce on demand (OUT_OF_RANGE,
 // FAILED_PRECONDITION on a session, a refused relay stream, a service that never answers), and for
-// deliveries shaped exactly as a test needs (stale versions, groups).
+// deliveries shaped exactly as a test needs (stale versions, groups), and refreshes of the stream's
+// service token answered as scripted (the real service checks them; this one only records them).
 const grpc = require('@grpc/grpc-js');
 const { loadPresenceProto } = require('../../src/proto');
 
@@ -14,30 +15,44 @@ const { loadPresenceProto } = require('../../src/proto');
  *   Unscripted users are welcomed.
  * @param {number} [o.refuseStream] end every relay stream at once with this code
  * @param {boolean} [o.answer=true] answer get_presence (every id offline, version 1)
- * @returns {Promise<object>} { target, opens(userId), streams(), authorizations, commands, session(userId), setAnswer(bool), send(msg), endStream(code), stop() }
+ * @param {'accept'|'silent'|number} [o.refresh='accept'] how a RelayRefresh is answered: accepted
+ *   (code 0), not at all (a service older than RelayRefresh), or refused with this grpc.status code
+ * @returns {Promise<object>} { target, opens(userId), streams(), authorizations, openedAt, refreshes, commands, session(userId), setAnswer(bool), setRefresh(how), send(msg), endStream(code), stop() }
  */
-async function startFakePresence({ sessions: script = {}, refuseStream, answer = true } = {}) {
+async function startFakePresence({ sessions: script = {}, refuseStream, answer = true, refresh = 'accept' } = {}) {
   const opens = new Map();
   const commands = [];
   const live = new Map(); // user id → latest session id
   let streams = 0;
   const authorizations = []; // each stream's authorization metadata (undefined: none)
+  const openedAt = []; // when each stream arrived (ms)
+  const refreshes = []; // { stream (1-based), service_token, request_id, at, answer }
   let current = null;
-  const state = { answer };
+  const state = { answer, refresh };
   const server = new grpc.Server();
   server.addService(loadPresenceProto().RelayService.service, {
     Relay(call) {
       streams += 1;
       authorizations.push(call.metadata.get('authorization')[0]);
+      openedAt.push(Date.now());
       call.on('error', () => {}); // the edge cancelling is fine
       if (refuseStream) {
         call.emit('error', { code: refuseStream, details: `scripted ${grpc.status[refuseStream]}` });
         return;
       }
       current = call;
+      const stream = streams;
       call.on('data', (msg) => {
         commands.push(msg);
-        if (msg.kind === 'open') {
+        if (msg.kind === 'refresh') {
+          const { service_token: token, request_id: id } = msg.refresh;
+          const how = state.refresh;
+          refreshes.push({ stream, service_token: token, request_id: id, at: Date.now(), answer: how });
+          if (how === 'accept') call.write({ result: { session_id: '0', request_id: id, code: 0 } });
+          else if (typeof how === 'number') {
+            call.write({ result: { session_id: '0', request_id: id, code: how, message: `scripted ${grpc.status[how]}` } });
+          }
+        } else if (msg.kind === 'open') {
           const { session_id: id, user_id: user } = msg.open;
           const n = opens.get(user) || 0;
           opens.set(user, n + 1);
@@ -76,12 +91,18 @@ async function startFakePresence({ sessions: script = {}, refuseStream, answer =
     opens: (userId) => opens.get(String(userId)) || 0,
     streams: () => streams,
     authorizations,
+    openedAt,
+    refreshes,
     commands,
     /** The session id of `userId`'s latest open. */
     session: (userId) => live.get(String(userId)),
     /** Whether get_presence is answered from now on. */
     setAnswer: (value) => {
       state.answer = value;
+    },
+    /** How refreshes are answered from now on (see o.refresh). */
+    setRefresh: (how) => {
+      state.refresh = how;
     },
     /** Writes a RelayResponse on the latest stream. */
     send: (msg) => current.write(msg),
