@@ -803,3 +803,42 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_table_finds_every_contact_and_nothing_else() {
+        // A ring neighbourhood (consecutive ids), the wrap-around, and a repeated id.
+        let mut entries: Vec<(u64, u64)> = (975..=1025)
+            .filter(|&u| u != 1000)
+            .map(|u| (u, u * 10))
+            .collect();
+        entries.extend([(1, 7), (99_999, 8), (100_000, 9), (975, 42)]);
+        let mut t = Versions::new(&entries);
+        for u in (975..=1025).filter(|&u| u != 1000 && u != 975) {
+            assert_eq!(t.get_mut(u).copied(), Some(u * 10), "contact {u}");
+        }
+        assert_eq!(
+            t.get_mut(975).copied(),
+            Some(42),
+            "a repeated id keeps the last version"
+        );
+        assert_eq!(t.get_mut(100_000).copied(), Some(9));
+        for stranger in [0, 1000, 974, 1026, 50_000, u64::MAX - 1] {
+            assert!(t.get_mut(stranger).is_none(), "{stranger} is no contact");
+        }
+        *t.get_mut(1).unwrap() = 70;
+        let mut all: Vec<_> = t.iter().collect();
+        all.sort_unstable();
+        assert_eq!(all.len(), 50 + 3);
+        assert_eq!(all[0], (1, 70));
+        assert!(
+            t.slots.len() >= 2 * all.len(),
+            "at most half full: {} slots",
+            t.slots.len()
+        );
+        assert!(Versions::new(&[]).get_mut(5).is_none(), "an empty table");
+    }
+}
