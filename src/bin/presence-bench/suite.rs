@@ -3,9 +3,9 @@
 //! during each run, judged against the bars of issues 18 and 15.
 //!
 //! Every run is two child processes: a fresh `presence serve` (the binary given with
-//! `--server`) on one SQLite database that holds the contact graph (created once, at the start,
-//! by the bench's own setup, which sees the graph there on every later run and skips it), and
-//! this binary running one scenario against it with `--server-pid` and `--json`. Before each run
+//! `--server`) on a fresh copy of one SQLite database that holds the contact graph (created
+//! once, at the start, by the bench's own setup; no run sees another's rows), and this binary
+//! running one scenario against it with `--server-pid` and `--json`. Before each run
 //! the suite waits for the machine to be quiet; a run during which other processes used more
 //! than `--max-other` cores (machine busy − server − bench, as the bench samples it) is marked
 //! invalid and run once more; invalid runs are left out of the figures. Then, unless
@@ -45,8 +45,8 @@ pub struct SuiteArgs {
     /// The server binary to run, fresh for every run (e.g. target/release/presence).
     #[arg(long)]
     pub server: PathBuf,
-    /// The SQLite database of the runs: the graph (N = 100,000, K = 50) is created in it once,
-    /// at the start, when it is not there yet.
+    /// The SQLite database holding the graph (N = 100,000, K = 50), created once, at the start,
+    /// when it is not there yet; every run starts on a fresh copy of it.
     #[arg(long, default_value = "/tmp/presence-suite.db")]
     pub db: PathBuf,
     /// Where the summary goes (<date>-<commit>.md and .json).
@@ -989,6 +989,23 @@ fn ensure_graph(server: &Path, db: &Path, work: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Copies the suite's database (its server stopped) to `to`, replacing it and its WAL files.
+fn fresh_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", to.display()));
+    }
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    // A WAL its server left behind holds committed pages: it goes along (the -shm index is
+    // rebuilt from it).
+    let wal = PathBuf::from(format!("{}-wal", from.display()));
+    if wal.exists() {
+        std::fs::copy(&wal, format!("{}-wal", to.display()))
+            .with_context(|| format!("copying {}", wal.display()))?;
+    }
+    Ok(())
+}
+
 fn one_run(
     args: &SuiteArgs,
     server: &Path,
@@ -1009,12 +1026,12 @@ fn one_run(
         busy_before.map_or("n/a".into(), |b| format!("{b:.2}"))
     );
     let started = Instant::now();
-    let s = Server::start(
-        server,
-        &[],
-        &args.db,
-        &work.join(format!("{name}-server.log")),
-    )?;
+    // Every run starts from the same database: a run writes rows (who came online, statuses),
+    // and a later scenario reading them (GetPresence of users with a row is a store read,
+    // without one it is not) would depend on the order of the scenarios.
+    let db = work.join("run.db");
+    fresh_copy(&args.db, &db)?;
+    let s = Server::start(server, &[], &db, &work.join(format!("{name}-server.log")))?;
     let pid = s.pid().to_string();
     let mut bench_args: Vec<String> = spec.args.iter().map(|a| a.to_string()).collect();
     bench_args.extend(
@@ -1264,7 +1281,13 @@ fn callgrind(server: &Path, work: &Path) -> anyhow::Result<Callgrind> {
     if deliveries == 0 {
         bail!("the callgrind churn delivered nothing");
     }
-    let (annotate, top) = match Command::new("callgrind_annotate").arg(&dump_path).output() {
+    // Every function, by self cost: the default threshold (99 %) stops after the threads'
+    // start-up frames, which a dump taken while they run lists at their inclusive cost.
+    let (annotate, top) = match Command::new("callgrind_annotate")
+        .arg("--threshold=100")
+        .arg(&dump_path)
+        .output()
+    {
         Ok(o) if o.status.success() => {
             let listing = String::from_utf8_lossy(&o.stdout).to_string();
             let path = dir.join("annotate.txt");
@@ -1287,14 +1310,24 @@ fn callgrind(server: &Path, work: &Path) -> anyhow::Result<Callgrind> {
     })
 }
 
-/// The first `n` function lines of a callgrind_annotate listing (self cost, descending).
+/// The first `n` function lines of a callgrind_annotate listing (self cost, descending),
+/// leaving out the frames that were running when the dump was taken (thread start, the
+/// runtime's worker loop): callgrind charges them everything below them, and no function's
+/// own cost comes near half of the total.
 fn top_functions(listing: &str, n: usize) -> Vec<String> {
+    let share = |l: &str| -> Option<f64> {
+        let open = l.find('(')?;
+        let close = l[open..].find("%)")?;
+        l[open + 1..open + close].trim().parse().ok()
+    };
     listing
         .lines()
         .skip_while(|l| !l.contains("file:function"))
         .skip(1)
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .take_while(|l| !l.starts_with("The following files"))
+        .filter(|l| share(l).is_some_and(|p| p < 50.0))
         .take(n)
         .map(|l| l.chars().take(200).collect())
         .collect()
