@@ -206,6 +206,11 @@ pub struct PhaseFigures {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Checks {
     pub lost: u64,
+    /// Receipts the graph implies (churn: each change × the churner's connected, tracked ring
+    /// contacts) that neither arrived nor were superseded by the end of the drain. `lost` is
+    /// counted per device over the contacts its welcome listed; this catches a server whose
+    /// graph lacks contacts (a welcome listing nobody loses nothing).
+    pub undelivered: u64,
     pub out_of_order: u64,
     pub wrong_status: u64,
     pub unexpected: u64,
@@ -228,6 +233,7 @@ impl Checks {
     pub fn from(c: &Counters) -> Checks {
         let mut k = Checks {
             lost: c.lost,
+            undelivered: 0,
             out_of_order: c.out_of_order,
             wrong_status: c.wrong_status,
             unexpected: c.unexpected,
@@ -244,6 +250,7 @@ impl Checks {
         };
         k.ok = [
             k.lost,
+            k.undelivered,
             k.out_of_order,
             k.wrong_status,
             k.unexpected,
@@ -260,6 +267,18 @@ impl Checks {
         .iter()
         .all(|&n| n == 0);
         k
+    }
+}
+
+impl Checks {
+    /// Adds the churn's receipts that the graph implies but that never came.
+    pub fn undelivered_from(&mut self, churn: &ChurnFigures) {
+        self.undelivered = churn
+            .expected
+            .saturating_sub(churn.deliveries + churn.superseded);
+        if self.undelivered > 0 {
+            self.ok = false;
+        }
     }
 }
 
@@ -430,9 +449,10 @@ impl Report {
         row(
             "checks",
             format!(
-                "{}: lost {}, out of order {}, wrong status {}, unexpected {}, stream errors {}, connect errors {}, reconnect errors {}, query errors {}",
+                "{}: lost {}, undelivered {}, out of order {}, wrong status {}, unexpected {}, stream errors {}, connect errors {}, reconnect errors {}, query errors {}",
                 if k.ok { "OK" } else { "FAILED" },
                 k.lost,
+                k.undelivered,
                 k.out_of_order,
                 k.wrong_status,
                 k.unexpected,
@@ -614,5 +634,28 @@ mod tests {
         assert!(Checks::from(&c).ok, "nothing counted is a pass");
         c.lost = 1;
         assert!(!Checks::from(&c).ok, "a lost delivery fails the run");
+    }
+
+    #[test]
+    fn receipts_the_graph_implies_but_never_came_fail_the_run() {
+        let churn = ChurnFigures {
+            expected: 10,
+            deliveries: 7,
+            superseded: 2,
+            ..ChurnFigures::default()
+        };
+        let mut k = Checks::from(&Counters::default());
+        k.undelivered_from(&churn);
+        assert_eq!(k.undelivered, 1);
+        assert!(!k.ok);
+        let churn = ChurnFigures {
+            expected: 10,
+            deliveries: 8,
+            superseded: 2,
+            ..ChurnFigures::default()
+        };
+        let mut k = Checks::from(&Counters::default());
+        k.undelivered_from(&churn);
+        assert!(k.ok);
     }
 }

@@ -699,6 +699,9 @@ impl Bench {
             p.resync_entries = self.recorder.sizes(Hist::ResyncSize);
         }
         self.report.checks = crate::report::Checks::from(&c);
+        if let Some(ch) = &self.report.churn {
+            self.report.checks.undelivered_from(ch);
+        }
         self.report.counters = c;
         self.report.errors = self.recorder.errors();
         self.report
