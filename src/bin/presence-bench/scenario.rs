@@ -409,19 +409,7 @@ impl Bench {
         let plan = self.shared.plan.get().expect("install_plan runs first");
         let last_scheduled = plan.schedule.at(plan.schedule.total.saturating_sub(1));
         let sending = sent.duration_since(plan.schedule.t0);
-        let expected: u64 = plan
-            .churners()
-            .iter()
-            .map(|&u| {
-                let receivers = self
-                    .ring
-                    .contacts(u)
-                    .into_iter()
-                    .filter(|&r| self.shared.connected(r) && tracked(r))
-                    .count() as u64;
-                plan.sent(u) * receivers
-            })
-            .sum();
+        let expected = self.implied_receipts(tracked);
         let deadline = Instant::now() + DRAIN_LIMIT;
         loop {
             let c = self.recorder.counters();
@@ -502,6 +490,12 @@ impl Bench {
     /// Deliveries the churn's changes should have skipped: each change sent times the sender's
     /// connected contacts in the background.
     fn implied_skipped(&self, passive: &[bool]) -> u64 {
+        self.implied_receipts(|r| passive[r as usize])
+    }
+
+    /// What the graph implies for the churn's changes: each change sent times the sender's
+    /// connected ring contacts that `keep` picks.
+    fn implied_receipts(&self, keep: impl Fn(u64) -> bool) -> u64 {
         let Some(plan) = self.shared.plan.get() else {
             return 0;
         };
@@ -512,7 +506,7 @@ impl Bench {
                     .ring
                     .contacts(u)
                     .into_iter()
-                    .filter(|&r| self.shared.connected(r) && passive[r as usize])
+                    .filter(|&r| self.shared.connected(r) && keep(r))
                     .count() as u64;
                 plan.sent(u) * receivers
             })

@@ -236,28 +236,27 @@ fn ensure_graph(server: &Path, db: &Path, work: &Path) -> anyhow::Result<()> {
         log.display()
     );
     let s = Server::start(server, &[], db, &work.join("setup-server.log"))?;
-    let args: Vec<String> = [
-        "connect",
-        "--target",
-        &s.addr,
-        "--users",
-        USERS,
-        "--contacts",
-        CONTACTS,
-        "--online",
-        "1",
-        "--duration",
-        "1",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let mut args = vec!["connect".to_string()];
+    args.extend(graph_args(&s.addr));
+    args.extend(
+        ["--online", "1", "--duration", "1"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
     let ok = run_bench(&args, &log, Duration::from_secs(3600))?;
     s.stop(SERVER_STOP_LIMIT);
     if !ok {
         bail!("creating the graph failed: see {}", log.display());
     }
     Ok(())
+}
+
+/// The bench's options naming the server and the suite's graph.
+fn graph_args(addr: &str) -> Vec<String> {
+    ["--target", addr, "--users", USERS, "--contacts", CONTACTS]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
 }
 
 /// Copies the suite's database (its server stopped) to `to`, replacing it and its WAL files.
@@ -305,14 +304,9 @@ fn one_run(
     let s = Server::start(server, &[], &db, &work.join(format!("{name}-server.log")))?;
     let pid = s.pid().to_string();
     let mut bench_args: Vec<String> = spec.args.iter().map(|a| a.to_string()).collect();
+    bench_args.extend(graph_args(&s.addr));
     bench_args.extend(
         [
-            "--target",
-            &s.addr,
-            "--users",
-            USERS,
-            "--contacts",
-            CONTACTS,
             "--no-setup",
             "--server-pid",
             &pid,
