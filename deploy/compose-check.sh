@@ -225,10 +225,17 @@ echo "node 1 -> Redis -> node 2 and node 2 -> Redis -> node 1 (through the edge)
 # The edge served that through its relay streams, each opened with a service token it minted
 # from EDGE_JWT_SECRET (compose gives it the nodes' secret), and nothing was refused.
 EDGE_C=$(cname edge)
-health=$(curl -fsS "http://127.0.0.1:$EDGE_HOST_PORT/healthz")
-python3 - "$health" <<'PY' || die "the edge's /healthz does not show its relay streams open with a minted service token"
+# A worker's relay stream may be between streams at any instant (opened again after an end, or a
+# refresh, or still retrying a node that came up after it, 5–10 s apart): wait up to 30 s for
+# every worker to show one open.
+healthy=0
+for _ in $(seq 60); do
+  health=$(curl -fsS "http://127.0.0.1:$EDGE_HOST_PORT/healthz" || echo '{}')
+  if python3 - "$health" <<'PY'
 import json, sys
 h = json.loads(sys.argv[1])
+if "processes" not in h:
+    sys.exit(1)
 workers = [p for p in h["processes"] if "worker" in p or "relay" in p]
 creds = sorted({p.get("service_credential", {}).get("source") for p in workers})
 print(f"edge /healthz: {h['workers']} worker(s), relay_streams {h['relay_streams']}, sessions ready {h['ready']}, "
@@ -236,6 +243,10 @@ print(f"edge /healthz: {h['workers']} worker(s), relay_streams {h['relay_streams
 ok = h["relay_streams"] == h["workers"] and creds == ["EDGE_JWT_SECRET"] and all(p["relay"]["state"] == "open" for p in workers)
 sys.exit(0 if ok else 1)
 PY
+  then healthy=1; break; fi
+  sleep 0.5
+done
+[ "$healthy" = 1 ] || die "the edge's /healthz does not show its relay streams open with a minted service token (30 s)"
 errs=$(podman logs "$EDGE_C" 2>&1 | grep -E '"level":"error"|relay stream refused' || true)
 [ -z "$errs" ] || { head -n 5 <<<"$errs" | cut -c1-300; die "the edge logged errors (above)"; }
 echo "edge log: no error"
