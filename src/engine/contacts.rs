@@ -119,12 +119,10 @@ impl Engine {
                             Some(attach_watch(entry, contact, sub, Relation::Contact, now))
                         }
                     };
-                    if let Some(view) = view {
-                        if sub.is_passive() {
-                            sub.miss(contact);
-                        } else {
-                            sub.push(Event::Presence(view));
-                        }
+                    if let Some(view) = view
+                        && sub.push_live(Event::Presence(view)).is_none()
+                    {
+                        sub.miss(contact);
                     }
                     return Ok(());
                 }
@@ -172,10 +170,8 @@ impl Engine {
                 super::view::project(contact, &presence, w.sub.context(Relation::Stranger), now);
             if let Some(view) = restate(&old, new, w.last) {
                 w.last = view.version;
-                if w.sub.is_passive() {
-                    w.sub.miss(contact);
-                } else {
-                    w.sub.push(Event::Presence(view));
+                if w.sub.push_live(Event::Presence(view)).is_none() {
+                    w.sub.miss_once(contact, &mut w.missed_in);
                 }
             }
             if is_in(&followers, &w.sub) {

@@ -294,6 +294,7 @@ impl Engine {
         let entry = shard.users.get_mut(&user)?;
         let presence = entry.presence().clone();
         let w = entry.watch_of(sub)?;
+        w.missed_in = 0;
         let ctx = if w.relation == Relation::Own {
             OWN
         } else {

@@ -93,6 +93,9 @@ pub(super) struct Watch {
     pub relation: Relation,
     /// The version this receiver last got of the user: what it gets next is always above.
     pub last: u64,
+    /// The passive period of `sub` in which this watch last recorded a miss (0: none since
+    /// the user was last taken out of the missed set); see [`Subscriber::miss_once`].
+    pub missed_in: u32,
 }
 
 impl Entry {
@@ -422,14 +425,24 @@ impl Engine {
             else {
                 return true;
             };
-            if w.sub.is_passive() {
-                w.sub.miss(user);
-                skipped += 1;
-                return true;
+            let version = view.version;
+            // Checked without the queue lock first: passive devices are most of the walk.
+            let pushed = if w.sub.is_passive() {
+                None
+            } else {
+                w.sub.push_live(Event::Presence(view))
+            };
+            match pushed {
+                Some(c) => {
+                    w.last = version;
+                    coalesced += c;
+                    deliveries += 1;
+                }
+                None => {
+                    w.sub.miss_once(user, &mut w.missed_in);
+                    skipped += 1;
+                }
             }
-            w.last = view.version;
-            coalesced += w.sub.push(Event::Presence(view));
-            deliveries += 1;
             true
         });
         if before.privacy.last_seen != after.privacy.last_seen
@@ -492,6 +505,7 @@ pub(super) fn attach_watch(
         sub: sub.clone(),
         relation,
         last: view.version,
+        missed_in: 0,
     });
     view
 }
