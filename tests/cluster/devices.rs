@@ -14,9 +14,13 @@ const W: u64 = 2;
 const Y: u64 = 3;
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn devices_on_two_nodes_are_one_presence_to_a_contact_on_a_third() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let cluster = Cluster::start(&redis, 3).await;
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;

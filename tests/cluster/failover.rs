@@ -46,9 +46,7 @@ async fn try_status(node: &crate::harness::Node, id: u64, status: Status) -> Res
 
 async fn nodes_share_presence(kind: Kind) {
     let _turn = exclusive().await;
-    let Some(redis) = RedisTopology::start(kind) else {
-        return;
-    };
+    let redis = RedisTopology::start(kind);
     let mut cluster = Cluster::start(&redis.url(), 3).await;
     const X: u64 = 1;
     const W: u64 = 2;
@@ -111,9 +109,7 @@ enum Fault {
 
 async fn churn_through_a_master_fault(kind: Kind, fault: Fault) {
     let _turn = exclusive().await;
-    let Some(redis) = RedisTopology::start(kind) else {
-        return;
-    };
+    let redis = RedisTopology::start(kind);
     // Leases outlive the failover (Redis Cluster: node timeout 2 s, about 4 s in all; Sentinel:
     // about 2.3 s), as they must in production: otherwise every node whose renewals hit the
     // failed master is declared dead meanwhile.
@@ -294,31 +290,55 @@ async fn churn_through_a_master_fault(kind: Kind, fault: Fault) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn on_a_redis_cluster_devices_on_three_nodes_are_one_presence() {
     nodes_share_presence(Kind::Cluster).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn on_sentinel_devices_on_three_nodes_are_one_presence() {
     nodes_share_presence(Kind::Sentinel).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_redis_cluster_master_killed_during_churn_loses_no_acknowledged_change() {
     churn_through_a_master_fault(Kind::Cluster, Fault::Kill).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_redis_cluster_master_frozen_past_the_node_timeout_loses_no_acknowledged_change() {
     churn_through_a_master_fault(Kind::Cluster, Fault::Pause(Duration::from_secs(6))).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_sentinel_master_killed_during_churn_loses_no_acknowledged_change() {
     churn_through_a_master_fault(Kind::Sentinel, Fault::Kill).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_sentinel_master_frozen_past_down_after_loses_no_acknowledged_change() {
     churn_through_a_master_fault(Kind::Sentinel, Fault::Pause(Duration::from_secs(4))).await;
 }

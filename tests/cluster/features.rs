@@ -53,9 +53,13 @@ async fn set_custom(node: &Node, id: u64, text: &str, expires_ms: i64) -> pb::Us
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn devices_on_two_nodes_are_away_together_and_their_platforms_are_one_set() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let cluster = Cluster::start(&redis, 3).await;
     let [a, b, c] = [cluster.node(0), cluster.node(1), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
@@ -131,9 +135,13 @@ async fn devices_on_two_nodes_are_away_together_and_their_platforms_are_one_set(
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_passive_device_misses_changes_made_on_another_node_and_gets_one_resync_entry() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let cluster = Cluster::start_with(&redis, 2, &[("PRESENCE_RATE_STATUS_PER_MIN", "100")]).await;
     let [a, b] = [cluster.node(0), cluster.node(1)];
     add_contacts(&cluster.nodes, &[(W, X)]).await;
@@ -189,9 +197,13 @@ async fn a_passive_device_misses_changes_made_on_another_node_and_gets_one_resyn
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_node_dying_with_a_passive_device_on_it_stops_counting_that_device() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
     let mut watch = watcher(cluster.node(2), &user(W), &[]).await;
@@ -245,9 +257,13 @@ async fn a_node_dying_with_a_passive_device_on_it_stops_counting_that_device() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_custom_status_expires_once_after_the_node_it_was_set_on_is_killed() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
     let mut on_b = device(cluster.node(1), W).await;

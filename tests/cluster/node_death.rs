@@ -17,9 +17,13 @@ const W: u64 = 2;
 const Y: u64 = 3;
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_killed_node_s_users_go_offline_once_and_stay_offline_after_a_restart() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let mut cluster = Cluster::start(&redis, 3).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
     let mut contact = device(cluster.node(2), W).await;

@@ -12,9 +12,13 @@ const X: u64 = 1;
 const W: u64 = 2;
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_node_paused_past_its_lease_comes_back_and_the_cluster_converges() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let cluster = Cluster::start(&redis, 3).await;
     let [a, c] = [cluster.node(0), cluster.node(2)];
     add_contacts(&cluster.nodes, &[(W, X)]).await;

@@ -77,9 +77,13 @@ async fn no_more(
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn ten_thousand_users_of_a_killed_node_go_offline_exactly_once_and_leave_nothing_in_redis() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let mut cluster = Cluster::start(&redis, 2).await;
     let ids = ids();
     let mut watchers = watchers_of(cluster.node(1), &ids).await;
@@ -127,9 +131,13 @@ async fn ten_thousand_users_of_a_killed_node_go_offline_exactly_once_and_leave_n
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn a_reaper_killed_halfway_is_taken_over_and_every_user_goes_offline_once() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     // Small batches, so that the reap takes long enough to be interrupted.
     let cluster_env = [("PRESENCE_REAP_BATCH", "50")];
     let mut cluster = Cluster::start_with(&redis, 3, &cluster_env).await;

@@ -13,12 +13,12 @@ const NEVER: u64 = 999;
 
 #[tokio::test]
 #[cfg_attr(
-    not(mysql_tests),
-    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+    any(not(mysql_tests), redis_tests_off),
+    ignore = "needs PRESENCE_TEST_MYSQL_URL set (and not PRESENCE_TEST_REDIS=off) when built"
 )]
 async fn nodes_starting_and_stopping_in_turn_on_one_database_touch_nobody_elses_users() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let database = Database::mysql().await;
     let mut cluster = Cluster::start_on(database, &redis, 1, &[]).await;
     add_contacts(&cluster.nodes, &[(W, X)]).await;
@@ -67,12 +67,12 @@ async fn nodes_starting_and_stopping_in_turn_on_one_database_touch_nobody_elses_
 
 #[tokio::test]
 #[cfg_attr(
-    not(mysql_tests),
-    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+    any(not(mysql_tests), redis_tests_off),
+    ignore = "needs PRESENCE_TEST_MYSQL_URL set (and not PRESENCE_TEST_REDIS=off) when built"
 )]
 async fn a_node_killed_while_others_run_is_recovered_for_its_own_users_only() {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let database = Database::mysql().await;
     let mut cluster = Cluster::start_on(database, &redis, 3, &[]).await;
     add_contacts(&cluster.nodes, &[(W, X), (W, Y)]).await;
@@ -135,7 +135,7 @@ async fn row_until(
 
 async fn changes_made_on_a_node_reach_the_database(database: Database) {
     let _turn = exclusive().await;
-    let Some(redis) = shared_redis() else { return };
+    let redis = shared_redis();
     let cluster = Cluster::start_on(database, &redis, 2, &[]).await;
     let _x = device(cluster.node(0), X).await;
     let busy = set_status(cluster.node(1), X, Status::Busy).await;
@@ -150,14 +150,18 @@ async fn changes_made_on_a_node_reach_the_database(database: Database) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    redis_tests_off,
+    ignore = "built with PRESENCE_TEST_REDIS=off: the Redis tests are not run"
+)]
 async fn changes_made_on_a_node_reach_the_shared_sqlite_database() {
     changes_made_on_a_node_reach_the_database(Database::sqlite()).await;
 }
 
 #[tokio::test]
 #[cfg_attr(
-    not(mysql_tests),
-    ignore = "set PRESENCE_TEST_MYSQL_URL to run the MySQL tests"
+    any(not(mysql_tests), redis_tests_off),
+    ignore = "needs PRESENCE_TEST_MYSQL_URL set (and not PRESENCE_TEST_REDIS=off) when built"
 )]
 async fn changes_made_on_a_node_reach_the_shared_mysql_database() {
     changes_made_on_a_node_reach_the_database(Database::mysql().await).await;

@@ -1,7 +1,7 @@
 //! Redis Cluster (3 masters + 3 replicas) and Sentinel (master + replica + 3 sentinels)
 //! deployments of the test's own, started with `.ci/redis-topology` in a temporary directory
-//! and stopped (every process killed) when dropped. Without `redis-server` the tests skip,
-//! unless `CI=true`, where they fail.
+//! and stopped (every process killed) when dropped. Without `redis-server` the tests fail
+//! (see `harness::unavailable`).
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,8 +27,8 @@ fn script() -> PathBuf {
 }
 
 impl RedisTopology {
-    /// Starts one, or None (skip) outside CI when it cannot start.
-    pub fn start(kind: Kind) -> Option<RedisTopology> {
+    /// Starts one; fails the test when it cannot start.
+    pub fn start(kind: Kind) -> RedisTopology {
         let parent = tempfile::tempdir().expect("a temporary directory");
         let dir = parent.path().join("redis");
         let name = match kind {
@@ -41,11 +41,11 @@ impl RedisTopology {
             .output()
         {
             Ok(out) => out,
-            Err(e) => return unavailable(&format!(".ci/redis-topology does not run: {e}")),
+            Err(e) => unavailable(&format!(".ci/redis-topology does not run: {e}")),
         };
         if !out.status.success() {
             let _ = Command::new(script()).arg("stop").arg(&dir).output();
-            return unavailable(&format!(
+            unavailable(&format!(
                 "the Redis {name} did not start: {}",
                 String::from_utf8_lossy(&out.stderr)
             ));
@@ -57,12 +57,12 @@ impl RedisTopology {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Some(RedisTopology {
+        RedisTopology {
             kind,
             dir,
             _parent: parent,
             env,
-        })
+        }
     }
 
     fn var(&self, key: &str) -> &str {
