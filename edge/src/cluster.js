@@ -58,6 +58,37 @@ function stopReadingBeforeHandOver(socket) {
   });
 }
 
+/**
+ * @socket.io/sticky tells the primary which worker holds a session when engine.io emits
+ * `connection`, after the handshake's answer is written: an HTTP long-polling client that POSTs
+ * the moment that answer arrives (its socket.io CONNECT, on a new connection) could reach the
+ * primary before the news did, and be sent to the other worker, which answers "Session ID
+ * unknown" (the client sees "xhr post error"; 6 in 200 here, in test/16-cluster.test.js). The
+ * session is bound when its id is made instead, before anything is answered; an id whose
+ * handshake then fails is unbound after HANDSHAKE_GRACE_MS, so the primary's map stays bounded.
+ */
+const HANDSHAKE_GRACE_MS = 10000;
+function bindSessionsBeforeAnswering(io, send) {
+  const engine = io.engine;
+  const generate = engine.generateId.bind(engine);
+  const pending = new Map(); // id → timer, until its connection
+  engine.generateId = async (req) => {
+    const id = await generate(req);
+    send({ type: 'sticky:connection', data: id });
+    const timer = setTimeout(() => {
+      pending.delete(id);
+      send({ type: 'sticky:disconnection', data: id });
+    }, HANDSHAKE_GRACE_MS);
+    timer.unref();
+    pending.set(id, timer);
+    return id;
+  };
+  engine.on('connection', (socket) => {
+    clearTimeout(pending.get(socket.id));
+    pending.delete(socket.id);
+  });
+}
+
 /** The workers' node flags: the primary's, plus the young generation size unless already given. */
 function workerExecArgv(semiSpaceMb) {
   const given = [...process.execArgv, process.env.NODE_OPTIONS || ''].some((a) => a.includes('--max-semi-space-size'));
@@ -253,7 +284,11 @@ async function runWorker(settings, startEdge) {
       send({ type: 'edge:health', id });
     });
 
-  edge = await startEdge({ ...settings, cluster: { attach: (io) => setupWorker(io), health } });
+  const attach = (io) => {
+    setupWorker(io);
+    bindSessionsBeforeAnswering(io, send);
+  };
+  edge = await startEdge({ ...settings, cluster: { attach, health } });
   send({ type: 'edge:ready' });
   return edge;
 }

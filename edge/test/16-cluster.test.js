@@ -95,6 +95,24 @@ test('hundreds of WebSocket sockets connect one after the other, none lost in th
   for (let i = 0; i < 300; i += 1) (await rawConnect(url)).destroy();
 });
 
+test('hundreds of polling sessions post the moment their handshake is answered, each to the worker that holds it', async () => {
+  // A polling client's first POST (its socket.io CONNECT) is a new request with the new sid: the
+  // primary must already know which worker made that sid, or it goes to the other one, which
+  // answers "Session ID unknown" (the client sees "xhr post error").
+  const base = `${url}/socket.io/?EIO=4&transport=polling`;
+  const failures = [];
+  for (let i = 0; i < 200; i += 1) {
+    const open = await (await fetch(base)).text();
+    const { sid } = JSON.parse(open.slice(1));
+    const post = await fetch(`${base}&sid=${sid}`, { method: 'POST', body: '40' });
+    const answer = await post.text();
+    if (post.status !== 200 || answer !== 'ok') failures.push(`${i}: ${post.status} ${answer}`);
+    // Closed at once (engine.io CLOSE), so the workers do not keep 200 sessions.
+    await (await fetch(`${base}&sid=${sid}`, { method: 'POST', body: '1' })).text();
+  }
+  assert.deepEqual(failures, []);
+});
+
 test('a killed worker is replaced; the other worker\'s sockets are untouched', async (t) => {
   const a = await connect(url, { name: 'A again', transports: ['websocket'] });
   t.after(() => a.close());
