@@ -159,15 +159,17 @@ impl Engine {
                 .filter(|r| !r.is_online)
                 .map(|r| (r.user_id, r.version))
                 .collect();
-            for chunk in settled.chunks(MAX_ROWS_PER_STATEMENT) {
-                if let Err(e) = bp.settled(chunk).await {
-                    tracing::debug!(error = %e, "could not tell the backplane which rows are written; a reaper writes them again");
-                    break;
-                }
-            }
+            // Released before they leave this node's set: a node killed between the two
+            // leaves users a reaper visits (and finds gone), never a hash nobody will visit.
             for chunk in offline.chunks(MAX_ROWS_PER_STATEMENT) {
                 if let Err(e) = bp.release(chunk).await {
                     tracing::debug!(error = %e, "could not release offline users from the backplane; their state expires there");
+                    break;
+                }
+            }
+            for chunk in settled.chunks(MAX_ROWS_PER_STATEMENT) {
+                if let Err(e) = bp.settled(chunk).await {
+                    tracing::debug!(error = %e, "could not tell the backplane which rows are written; a reaper writes them again");
                     break;
                 }
             }

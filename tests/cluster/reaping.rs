@@ -138,8 +138,13 @@ async fn ten_thousand_users_of_a_killed_node_go_offline_exactly_once_and_leave_n
 async fn a_reaper_killed_halfway_is_taken_over_and_every_user_goes_offline_once() {
     let _turn = exclusive().await;
     let redis = shared_redis();
-    // Small batches, so that the reap takes long enough to be interrupted.
-    let cluster_env = [("PRESENCE_REAP_BATCH", "50")];
+    // Small batches, so that the reap takes long enough to be interrupted; frequent flushes, so
+    // that the reaper is likely killed with rows written and users half released (with a sleep
+    // between the two steps of a flush, the reaper killed there left hashes nobody deleted).
+    let cluster_env = [
+        ("PRESENCE_REAP_BATCH", "50"),
+        ("PRESENCE_FLUSH_INTERVAL_MS", "100"),
+    ];
     let mut cluster = Cluster::start_with(&redis, 3, &cluster_env).await;
     let ids = ids();
     let mut on_b = watchers_of(cluster.node(1), &ids).await;
