@@ -17,7 +17,9 @@ use crate::cluster::Backplane;
 use crate::cluster::redis::{RedisBackplane, RedisConfig};
 use crate::engine::Engine;
 use crate::grpc::limits::RateLimits;
-use crate::grpc::{ContactsService, IdentityLayer, ObserveLayer, PresenceService, RelayService};
+use crate::grpc::{
+    ContactsService, DeviceRoutes, IdentityLayer, ObserveLayer, PresenceService, RelayService,
+};
 use crate::pb;
 use crate::rules::NodeId;
 use crate::settings::{Checked, SecretUrl, Settings, SettingsError};
@@ -216,15 +218,15 @@ impl Application {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         );
-        let presence = identified.layer(
-            pb::presence_server::PresenceServer::new(PresenceService::new(
-                engine.clone(),
-                settings.request_limits(),
-                rates,
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-        );
+        let presence_service =
+            PresenceService::new(engine.clone(), settings.request_limits(), rates);
+        let presence = identified.layer(DeviceRoutes::new(
+            pb::presence_server::PresenceServer::new(presence_service.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            presence_service,
+            max_message,
+        ));
         let contacts = identified.layer(
             pb::contacts_server::ContactsServer::new(ContactsService::new(
                 engine.clone(),

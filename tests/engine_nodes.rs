@@ -66,7 +66,9 @@ async fn next_of(stream: &mut EventStream, user: u64) -> PresenceView {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(Event::Presence(p))) if p.user_id == uid(user) => return p,
+            Ok(Some(Event::Presence(p))) if p.view().user_id == uid(user) => {
+                return p.view().clone();
+            }
             Ok(Some(_)) => continue,
             Ok(None) => panic!("the stream ended while waiting for user {user}"),
             Err(_) => panic!("no update of user {user} within {WAIT:?}"),

@@ -120,7 +120,7 @@ impl Engine {
                         }
                     };
                     if let Some(view) = view
-                        && sub.push_live(Event::Presence(view)).is_none()
+                        && sub.push_live(Event::presence(view)).is_none()
                     {
                         sub.miss(contact);
                     }
@@ -170,7 +170,7 @@ impl Engine {
                 super::view::project(contact, &presence, w.sub.context(Relation::Stranger), now);
             if let Some(view) = restate(&old, new, w.last) {
                 w.last = view.version;
-                if w.sub.push_live(Event::Presence(view)).is_none() {
+                if w.sub.push_live(Event::presence(view)).is_none() {
                     w.sub.miss_once(contact, &mut w.missed_in);
                 }
             }

@@ -272,7 +272,7 @@ impl Engine {
         sub.set_passive(false);
         for user in sub.missed() {
             if let Some(view) = self.take_missed_view(sub, user, now, false) {
-                sub.push(Event::Presence(view));
+                sub.push(Event::presence(view));
             }
         }
     }

@@ -28,6 +28,7 @@ mod shutdown;
 mod status;
 mod subscriber;
 mod timers;
+mod update;
 pub mod view;
 mod watch;
 
@@ -47,6 +48,7 @@ use crate::store::{Store, StoreError};
 pub use devices::DeviceSession;
 use registry::Shard;
 pub use subscriber::{EndReason, Event, EventStream, RelayQueue, Subscriber};
+pub use update::Update;
 
 /// Versions loaded from a row written in an older store epoch are raised by this much per epoch,
 /// so that after a crash (which loses unflushed increments) every version handed out is above

@@ -11,7 +11,8 @@ use crate::rules::{self, Devices, Op, Outcome, Presence};
 use crate::store::PresenceRow;
 
 use super::subscriber::{Event, Subscriber};
-use super::view::{Relation, ViewerContext, project, update_for};
+use super::update::Update;
+use super::view::{Relation, ViewerContext, above, change_for, project};
 use super::{EPOCH_VERSION_GAP, Engine, EngineError, Result};
 
 /// A user's contacts, shared between the entry cache and whoever asked.
@@ -416,23 +417,27 @@ impl Engine {
     pub(super) fn fan_out(&self, entry: &mut Entry, user: UserId, before: &Presence, now: Millis) {
         let (mut deliveries, mut coalesced, mut skipped) = (0u64, 0usize, 0u64);
         let after = entry.presence.as_deref().unwrap_or(&NEVER_SEEN);
+        let mut updates = Updates::new(user, before, after, now);
         entry.watchers.retain_mut(|w| {
             if w.sub.is_closed() {
                 return false;
             }
-            let Some(view) =
-                update_for(user, before, after, w.sub.context(w.relation), w.last, now)
-            else {
+            let Some(shared) = updates.for_viewer(w.sub.context(w.relation)) else {
                 return true;
             };
-            let version = view.version;
             // Checked without the queue lock first: passive devices are most of the walk.
-            let pushed = if w.sub.is_passive() {
-                None
+            if w.sub.is_passive() {
+                w.sub.miss_once(user, &mut w.missed_in);
+                skipped += 1;
+                return true;
+            }
+            let update = if shared.view().version > w.last {
+                shared.clone()
             } else {
-                w.sub.push_live(Event::Presence(view))
+                Update::new(above(shared.view().clone(), w.last))
             };
-            match pushed {
+            let version = update.view().version;
+            match w.sub.push_live(Event::Presence(update)) {
                 Some(c) => {
                     w.last = version;
                     coalesced += c;
@@ -469,6 +474,43 @@ impl Engine {
             devices: entry.local(),
             grace,
         }
+    }
+}
+
+/// The update each viewer context gets of one change, projected once per context: a change
+/// reaches its watchers through a few distinct contexts (contacts, strangers, the user's own
+/// devices), however many watchers there are.
+struct Updates<'a> {
+    user: UserId,
+    before: &'a Presence,
+    after: &'a Presence,
+    now: Millis,
+    seen: Vec<(ViewerContext, Option<Arc<Update>>)>,
+}
+
+impl<'a> Updates<'a> {
+    fn new(user: UserId, before: &'a Presence, after: &'a Presence, now: Millis) -> Self {
+        Updates {
+            user,
+            before,
+            after,
+            now,
+            seen: Vec::new(),
+        }
+    }
+
+    /// What receivers with this context are pushed, before each one's own floor; None when
+    /// nothing they may see changed.
+    fn for_viewer(&mut self, viewer: ViewerContext) -> Option<&Arc<Update>> {
+        let i = match self.seen.iter().position(|(v, _)| *v == viewer) {
+            Some(i) => i,
+            None => {
+                let change = change_for(self.user, self.before, self.after, viewer, self.now);
+                self.seen.push((viewer, change.map(Update::new)));
+                self.seen.len() - 1
+            }
+        };
+        self.seen[i].1.as_ref()
     }
 }
 

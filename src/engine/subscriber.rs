@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use crate::domain::{Activity, Platform, PresenceView, UserId, Visibility};
 
 use super::Welcome;
+use super::update::Update;
 use super::view::{Relation, ViewerContext};
 
 /// Why a subscriber's stream was ended by the server.
@@ -38,13 +39,21 @@ pub enum EndReason {
 /// What a subscriber's stream yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Presence(PresenceView),
+    /// A live update, shared with the other receivers that see it alike.
+    Presence(Arc<Update>),
     /// What changed while a device was in the background: newest views, one per user.
     Resync(Vec<PresenceView>),
     Pong(u64),
     /// A relay session's welcome (a direct stream sends its welcome itself).
     Welcome(Box<Welcome>),
     End(EndReason),
+}
+
+impl Event {
+    /// A live update of its own (not shared with other receivers).
+    pub fn presence(view: PresenceView) -> Event {
+        Event::Presence(Update::new(view))
+    }
 }
 
 /// The device behind a subscriber, when it is one.
@@ -398,7 +407,7 @@ fn push_bounded(q: &mut Queue, event: Event) -> usize {
     }
     if q.items.len() >= q.compact_at {
         coalesced = compact(&mut q.items, |e| match e {
-            Event::Presence(p) => Some(p.user_id.get()),
+            Event::Presence(p) => Some(p.view().user_id.get()),
             _ => None,
         });
         q.compact_at = q.capacity.max(q.items.len() * 2);
@@ -460,7 +469,7 @@ impl RelayQueue {
         if q.items.len() >= q.compact_at {
             // Keyed by session and user: a session's newest presence of each user survives.
             coalesced = compact(&mut q.items, |(s, e)| match e {
-                Event::Presence(p) => Some(p.user_id.get() ^ s.rotate_left(32)),
+                Event::Presence(p) => Some(p.view().user_id.get() ^ s.rotate_left(32)),
                 _ => None,
             });
             q.compact_at = q.capacity.max(q.items.len() * 2);
@@ -673,7 +682,7 @@ mod tests {
     use futures::StreamExt;
 
     fn presence(user: u64, version: u64) -> Event {
-        Event::Presence(PresenceView {
+        Event::presence(PresenceView {
             status: Status::Online,
             version,
             ..PresenceView::unknown(UserId::parse(user).unwrap())
@@ -700,7 +709,7 @@ mod tests {
             .items
             .drain(..)
             .map(|e| match e {
-                Event::Presence(p) => p.version,
+                Event::Presence(p) => p.view().version,
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
@@ -740,7 +749,7 @@ mod tests {
         ]
         .into();
         let key = |e: &Event| match e {
-            Event::Presence(p) => Some(p.user_id.get()),
+            Event::Presence(p) => Some(p.view().user_id.get()),
             _ => None,
         };
         assert_eq!(compact(&mut items, key), 1);
@@ -823,7 +832,7 @@ mod tests {
         let newest: Vec<u64> = items
             .iter()
             .filter_map(|(_, e)| match e {
-                Event::Presence(p) => Some(p.version),
+                Event::Presence(p) => Some(p.view().version),
                 _ => None,
             })
             .collect();

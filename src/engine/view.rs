@@ -112,6 +112,18 @@ pub fn update_for(
     last: u64,
     now: Millis,
 ) -> Option<PresenceView> {
+    change_for(user_id, before, after, viewer, now).map(|v| above(v, last))
+}
+
+/// [`update_for`] before the receiver's own `last` is taken into account: the same for every
+/// receiver with this viewer context, so fan-out computes it once per context.
+pub fn change_for(
+    user_id: UserId,
+    before: &Presence,
+    after: &Presence,
+    viewer: ViewerContext,
+    now: Millis,
+) -> Option<PresenceView> {
     let old = project(user_id, before, viewer, now);
     let mut new = project(user_id, after, viewer, now);
     // A custom status is hidden from the moment it expires, in both views alike; the change
@@ -120,24 +132,26 @@ pub fn update_for(
     if old.same_content(&new) && !custom_changed {
         return None;
     }
-    let floor = if viewer.sight(before).online {
-        after.version
-    } else {
-        0
-    };
-    new.version = new.version.max(floor).max(last + 1);
+    if viewer.sight(before).online {
+        new.version = new.version.max(after.version);
+    }
     Some(new)
+}
+
+/// `view` as a receiver that last got version `last` of the user must be pushed it.
+pub fn above(mut view: PresenceView, last: u64) -> PresenceView {
+    view.version = view.version.max(last + 1);
+    view
 }
 
 /// The view a receiver gets when it starts watching, or when its relation changes without the
 /// user's state changing (a contact added or removed): pushed only if it differs from what the
 /// receiver had, with a version above `last`.
-pub fn restate(old: &PresenceView, mut new: PresenceView, last: u64) -> Option<PresenceView> {
+pub fn restate(old: &PresenceView, new: PresenceView, last: u64) -> Option<PresenceView> {
     if old.same_content(&new) {
         return None;
     }
-    new.version = new.version.max(last + 1);
-    Some(new)
+    Some(above(new, last))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod codec;
 mod contacts;
 mod convert;
+mod device;
 mod error;
 pub mod limits;
 mod observe;
@@ -20,6 +21,7 @@ use tonic::{Request, Status};
 use crate::auth::{Identity, Verifier};
 
 pub use contacts::ContactsService;
+pub use device::DeviceRoutes;
 pub use error::ApiError;
 pub use observe::ObserveLayer;
 pub use presence::PresenceService;

@@ -10,10 +10,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Identity;
 use crate::domain::{PresenceView, UserId, Viewer, now_millis, printable};
-use crate::engine::{EndReason, Engine, Event, Subscriber, Welcome};
+use crate::engine::{EndReason, Engine, Event, EventStream, Subscriber, Welcome};
 use crate::pb::{self, client_message::Kind as ClientKind, server_message::Kind as ServerKind};
 
+use bytes::Bytes;
+
 use super::convert::{self, presence_to_proto};
+use super::device::frame;
 use super::limits::{HelloGate, RateLimits};
 use super::{ApiError, RequestLimits, identity};
 
@@ -132,21 +135,6 @@ pub(super) fn resync_pages(views: &[PresenceView]) -> Vec<pb::Resync> {
         .collect()
 }
 
-/// One event as the messages of a device stream (several for a long resync).
-fn device_messages(event: Event) -> Vec<Result<pb::ServerMessage, Status>> {
-    let msg = |kind| Ok(pb::ServerMessage { kind: Some(kind) });
-    match event {
-        Event::Presence(v) => vec![msg(ServerKind::PresenceUpdated(presence_to_proto(&v)))],
-        Event::Pong(nonce) => vec![msg(ServerKind::Pong(pb::Pong { nonce }))],
-        Event::Resync(views) => resync_pages(&views)
-            .into_iter()
-            .map(|r| msg(ServerKind::Resync(r)))
-            .collect(),
-        Event::Welcome(_) => Vec::new(),
-        Event::End(reason) => vec![Err(ApiError::from(reason).into())],
-    }
-}
-
 /// A stream that ends with UNAUTHENTICATED when its token expires.
 struct Expiring<T> {
     inner: BoxStream<T>,
@@ -188,14 +176,14 @@ impl<T> Stream for Expiring<T> {
 
 use std::future::Future as _;
 
-#[tonic::async_trait]
-impl pb::presence_server::Presence for PresenceService {
-    type AuthenticateStream = BoxStream<pb::ServerMessage>;
-
-    async fn authenticate(
+impl PresenceService {
+    /// An Authenticate call up to its stream: the hello read and checked, the device connected,
+    /// its reader started. Returns the welcome's frames and the device's queue, which
+    /// [`super::device`] writes to the wire.
+    pub(super) async fn open_device(
         &self,
         req: Request<Streaming<pb::ClientMessage>>,
-    ) -> Result<Response<Self::AuthenticateStream>, Status> {
+    ) -> Result<(Vec<Bytes>, EventStream), Status> {
         let id = identity(&req)?;
         let user = acting_user(&id, "Authenticate")?;
         let connection = connection_key(&req);
@@ -242,10 +230,10 @@ impl pb::presence_server::Presence for PresenceService {
             device = %hello.device,
             "device connected"
         );
-        let first: Vec<Result<pb::ServerMessage, Status>> = welcome_pages(welcome)
+        let first: Vec<Bytes> = welcome_pages(welcome)
             .into_iter()
             .map(|w| {
-                Ok(pb::ServerMessage {
+                frame(&pb::ServerMessage {
                     kind: Some(ServerKind::Welcome(w)),
                 })
             })
@@ -260,10 +248,23 @@ impl pb::presence_server::Presence for PresenceService {
             expires_at: id.expires_at,
         };
         tokio::spawn(inbound_task.run(inbound));
-        let updates = session
-            .stream
-            .flat_map(|event| stream::iter(device_messages(event)));
-        Ok(Response::new(Box::pin(stream::iter(first).chain(updates))))
+        Ok((first, session.stream))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::presence_server::Presence for PresenceService {
+    type AuthenticateStream = BoxStream<pb::ServerMessage>;
+
+    /// Never called: [`super::device::DeviceRoutes`] answers this path before tonic's router
+    /// would (see there why).
+    async fn authenticate(
+        &self,
+        _req: Request<Streaming<pb::ClientMessage>>,
+    ) -> Result<Response<Self::AuthenticateStream>, Status> {
+        Err(Status::internal(
+            "Authenticate is served by the device route, not the generated server",
+        ))
     }
 
     async fn update_status(
@@ -349,9 +350,9 @@ impl pb::presence_server::Presence for PresenceService {
             .collect();
         let updates = stream.filter_map(|event| async move {
             match event {
-                Event::Presence(v) => Some(Ok(pb::WatchContactsResponse {
+                Event::Presence(u) => Some(Ok(pb::WatchContactsResponse {
                     kind: Some(pb::watch_contacts_response::Kind::PresenceUpdated(
-                        presence_to_proto(&v),
+                        presence_to_proto(u.view()),
                     )),
                 })),
                 Event::End(reason) => Some(Err(ApiError::from(reason).into())),

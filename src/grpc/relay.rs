@@ -641,13 +641,14 @@ fn batch_messages(batch: Vec<(u64, Event)>) -> Vec<pb::RelayResponse> {
     };
     for (session, event) in batch {
         let kind = match event {
-            Event::Presence(view) => {
-                match index.get(&view) {
+            Event::Presence(update) => {
+                let view = update.view();
+                match index.get(view) {
                     Some(&i) => groups[i].1.push(session),
                     None => {
                         bytes += 64;
                         index.insert(view.clone(), groups.len());
-                        groups.push((view, vec![session]));
+                        groups.push((view.clone(), vec![session]));
                     }
                 }
                 bytes += 10;
@@ -713,12 +714,12 @@ mod tests {
     #[test]
     fn identical_views_are_grouped_and_each_session_keeps_its_order() {
         let batch = vec![
-            (1, Event::Presence(view(9, 5, Status::Busy))),
-            (2, Event::Presence(view(9, 5, Status::Busy))),
-            (3, Event::Presence(view(9, 5, Status::Offline))),
-            (1, Event::Presence(view(9, 6, Status::Away))),
+            (1, Event::presence(view(9, 5, Status::Busy))),
+            (2, Event::presence(view(9, 5, Status::Busy))),
+            (3, Event::presence(view(9, 5, Status::Offline))),
+            (1, Event::presence(view(9, 6, Status::Away))),
             (4, Event::Pong(7)),
-            (2, Event::Presence(view(9, 6, Status::Away))),
+            (2, Event::presence(view(9, 6, Status::Away))),
         ];
         let out = batch_messages(batch);
         assert_eq!(out.len(), 3, "a delivery, the pong, a delivery: {out:?}");

@@ -8,7 +8,8 @@
 //! - `durability`: persistence, graceful shutdown, the reconnect race;
 //! - `auth`: signed identities (issue 3);
 //! - `privacy`: privacy settings on every read and push path (issue 3);
-//! - `limits`: abuse limits (issue 3).
+//! - `limits`: abuse limits (issue 3);
+//! - `wire`: Authenticate as a raw HTTP/2 client sees it (framing, headers, trailers).
 mod auth;
 mod bad_input;
 mod custom_status;
@@ -22,3 +23,4 @@ mod presence_rules;
 mod privacy;
 mod queries;
 mod relay;
+mod wire;
