@@ -18,7 +18,7 @@ use crate::cluster::redis::{RedisBackplane, RedisConfig};
 use crate::engine::Engine;
 use crate::grpc::limits::RateLimits;
 use crate::grpc::{
-    ContactsService, DeviceRoutes, IdentityLayer, ObserveLayer, PresenceService, RelayService,
+    ContactsService, DeviceLayer, IdentityLayer, ObserveLayer, PresenceService, RelayService,
 };
 use crate::pb;
 use crate::rules::NodeId;
@@ -213,20 +213,19 @@ impl Application {
                 engine.clone(),
                 settings.request_limits(),
                 rates.clone(),
-                verifier,
+                verifier.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         );
         let presence_service =
             PresenceService::new(engine.clone(), settings.request_limits(), rates);
-        let presence = identified.layer(DeviceRoutes::new(
-            pb::presence_server::PresenceServer::new(presence_service.clone())
+        let devices = DeviceLayer::new(presence_service.clone(), verifier.clone(), max_message);
+        let presence = identified.layer(
+            pb::presence_server::PresenceServer::new(presence_service)
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
-            presence_service,
-            max_message,
-        ));
+        );
         let contacts = identified.layer(
             pb::contacts_server::ContactsServer::new(ContactsService::new(
                 engine.clone(),
@@ -251,6 +250,7 @@ impl Application {
             .max_concurrent_streams(settings.max_streams_per_conn)
             .tcp_nodelay(true)
             .layer(ObserveLayer)
+            .layer(devices)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -12,8 +12,8 @@
 //! request; everything the handler decides is [`PresenceService::open_device`], as before.
 //! A call refused before its stream starts is answered as tonic answers it (trailers only).
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,9 +23,9 @@ use http_body::Frame;
 use prost::Message;
 use tonic::body::Body;
 use tonic::codec::{Codec, Streaming};
-use tonic::server::NamedService;
 use tonic::{Code, Status};
 
+use crate::auth::Verifier;
 use crate::domain::PresenceView;
 use crate::engine::{Event, EventStream, Update};
 use crate::pb::{self, server_message::Kind as ServerKind};
@@ -60,58 +60,132 @@ pub(super) fn update_frame(update: &Update) -> Bytes {
     update.wire(presence_frame)
 }
 
-/// The presence service, with `Authenticate` answered here and every other method by tonic's
-/// generated server `S`.
+/// Answers `Authenticate` itself and passes every other call to the server's router `S`.
+///
+/// A layer of the whole server rather than a route among tonic's: whatever a router answers is
+/// boxed once more on its way out, and every delivery polls through each box (a cache miss per
+/// box per poll, a stream being polled twice per delivery). Verifies the caller the way
+/// [`super::IdentityLayer`] does for the routed services.
 #[derive(Clone)]
-pub struct DeviceRoutes<S> {
-    inner: S,
+pub struct DeviceLayer {
     service: PresenceService,
+    verifier: Arc<Verifier>,
     max_message: usize,
 }
 
-impl<S> DeviceRoutes<S> {
-    pub fn new(inner: S, service: PresenceService, max_message: usize) -> Self {
-        DeviceRoutes {
-            inner,
+impl DeviceLayer {
+    pub fn new(service: PresenceService, verifier: Arc<Verifier>, max_message: usize) -> Self {
+        DeviceLayer {
             service,
+            verifier,
             max_message,
         }
     }
 }
 
-impl<S: NamedService> NamedService for DeviceRoutes<S> {
-    const NAME: &'static str = S::NAME;
+impl<S> tower::Layer<S> for DeviceLayer {
+    type Service = DeviceRoutes<S>;
+
+    fn layer(&self, inner: S) -> DeviceRoutes<S> {
+        DeviceRoutes {
+            inner,
+            layer: self.clone(),
+        }
+    }
 }
 
-impl<S> tower::Service<http::Request<Body>> for DeviceRoutes<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Either<BoxFuture<'static, Result<http::Response<Body>, Infallible>>, S::Future>;
+#[derive(Clone)]
+pub struct DeviceRoutes<S> {
+    inner: S,
+    layer: DeviceLayer,
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+impl<S, B> tower::Service<http::Request<Body>> for DeviceRoutes<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Routed<B>>;
+    type Error = S::Error;
+    type Future = Either<
+        BoxFuture<'static, Result<http::Response<Routed<B>>, S::Error>>,
+        futures::future::MapOk<S::Future, fn(http::Response<B>) -> http::Response<Routed<B>>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        use futures::TryFutureExt;
         if req.uri().path() != AUTHENTICATE {
-            return Either::Right(self.inner.call(req));
+            let other: fn(http::Response<B>) -> http::Response<Routed<B>> =
+                |r| r.map(Routed::Other);
+            return Either::Right(self.inner.call(req).map_ok(other));
         }
-        let service = self.service.clone();
-        let max_message = self.max_message;
+        let verified = super::verify(&self.layer.verifier, &mut req);
+        let layer = self.layer.clone();
         Either::Left(Box::pin(async move {
-            Ok(authenticate(service, req, max_message).await)
+            let response = match verified {
+                Ok(()) => authenticate(layer.service, req, layer.max_message).await,
+                Err(status) => status.into_http(),
+            };
+            Ok(response)
         }))
     }
 }
 
-async fn authenticate(
+/// A response body of the server: a device stream's, or whatever the router answered.
+pub enum Routed<B> {
+    Device(DeviceBody),
+    Other(B),
+}
+
+impl<B> Default for Routed<B> {
+    /// Empty: the body of a trailers-only answer.
+    fn default() -> Self {
+        Routed::Device(DeviceBody::finished())
+    }
+}
+
+impl<B> http_body::Body for Routed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Status>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        match self.get_mut() {
+            Routed::Device(d) => Pin::new(d).poll_frame(cx),
+            Routed::Other(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Routed::Device(d) => d.is_end_stream(),
+            Routed::Other(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Routed::Device(d) => d.size_hint(),
+            Routed::Other(b) => b.size_hint(),
+        }
+    }
+}
+
+async fn authenticate<B>(
     service: PresenceService,
     req: http::Request<Body>,
     max_message: usize,
-) -> http::Response<Body> {
+) -> http::Response<Routed<B>> {
     if let Err(status) = uncompressed(&req) {
         return status.into_http();
     }
@@ -123,11 +197,11 @@ async fn authenticate(
         Ok((first, events)) => {
             let body = DeviceBody {
                 ready: first.into(),
-                events,
+                events: Some(events),
                 max_message,
                 done: false,
             };
-            let mut response = http::Response::new(Body::new(body));
+            let mut response = http::Response::new(Routed::Device(body));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),
@@ -160,16 +234,27 @@ fn uncompressed<B>(req: &http::Request<B>) -> Result<(), Status> {
 /// The response body of a device stream: its welcome pages, then whatever its queue yields,
 /// then the trailers (`grpc-status` of how the stream ended). Dropping it (the client went away
 /// or reset the stream) drops the queue's stream, which unregisters the device.
-struct DeviceBody {
+pub struct DeviceBody {
     /// Frames to send before the next event: the welcome, or the pages of a resync.
     ready: VecDeque<Bytes>,
-    events: EventStream,
+    /// None only in an empty body (a trailers-only answer).
+    events: Option<EventStream>,
     max_message: usize,
     /// The trailers went out.
     done: bool,
 }
 
 impl DeviceBody {
+    /// A body with nothing to send.
+    fn finished() -> DeviceBody {
+        DeviceBody {
+            ready: VecDeque::new(),
+            events: None,
+            max_message: 0,
+            done: true,
+        }
+    }
+
     fn trailers(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.done = true;
         let mut trailers = http::HeaderMap::new();
@@ -208,7 +293,10 @@ impl http_body::Body for DeviceBody {
             if let Some(bytes) = self.ready.pop_front() {
                 return self.data(bytes);
             }
-            let event = match Pin::new(&mut self.events).poll_next(cx) {
+            let Some(events) = self.events.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let event = match Pin::new(events).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return self.trailers(Status::ok("")),
                 Poll::Ready(Some(event)) => event,

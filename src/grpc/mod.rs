@@ -21,7 +21,7 @@ use tonic::{Request, Status};
 use crate::auth::{Identity, Verifier};
 
 pub use contacts::ContactsService;
-pub use device::DeviceRoutes;
+pub use device::DeviceLayer;
 pub use error::ApiError;
 pub use observe::ObserveLayer;
 pub use presence::PresenceService;
@@ -95,20 +95,24 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let verified = {
-            let headers = req.headers();
-            self.verifier
-                .verify(|name| headers.get(name).and_then(|v| v.to_str().ok()))
-        };
-        match verified {
-            Ok(identity) => {
-                tracing::Span::current().record("caller", identity.describe());
-                req.extensions_mut().insert(identity);
-                Either::Right(self.inner.call(req))
-            }
-            Err(e) => Either::Left(ready(Ok(Status::from(ApiError::from(e)).into_http()))),
+        match verify(&self.verifier, &mut req) {
+            Ok(()) => Either::Right(self.inner.call(req)),
+            Err(status) => Either::Left(ready(Ok(status.into_http()))),
         }
     }
+}
+
+/// Verifies a call's credentials and puts the [`Identity`] in its extensions, naming the caller
+/// on the call's span; the refusal otherwise.
+fn verify<B>(verifier: &Verifier, req: &mut http::Request<B>) -> Result<(), Status> {
+    let verified = {
+        let headers = req.headers();
+        verifier.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+    };
+    let identity = verified.map_err(|e| Status::from(ApiError::from(e)))?;
+    tracing::Span::current().record("caller", identity.describe());
+    req.extensions_mut().insert(identity);
+    Ok(())
 }
 
 /// The identity [`IdentityLayer`] verified.
