@@ -268,7 +268,7 @@ impl Engine {
             }
         }
         views.sort_by_key(|v| v.user_id);
-        sub.push(Event::Resync(views));
+        sub.push(Event::Resync(Box::new(views)));
         sub.set_passive(false);
         for user in sub.missed() {
             if let Some(view) = self.take_missed_view(sub, user, now, false) {

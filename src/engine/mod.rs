@@ -21,6 +21,7 @@ mod contacts;
 mod devices;
 mod flusher;
 mod lifecycle;
+mod pending;
 mod reads;
 mod registry;
 mod replica;

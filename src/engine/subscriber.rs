@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use crate::domain::{Activity, Platform, PresenceView, UserId, Visibility};
 
 use super::Welcome;
+use super::pending::{Pending, compact};
 use super::update::Update;
 use super::view::{Relation, ViewerContext};
 
@@ -42,11 +43,12 @@ pub enum Event {
     /// A live update, shared with the other receivers that see it alike.
     Presence(Arc<Update>),
     /// What changed while a device was in the background: newest views, one per user.
-    Resync(Vec<PresenceView>),
+    /// Boxed, as `End` and `Welcome`: rare, and the queue's inline slot holds 16 bytes.
+    Resync(Box<Vec<PresenceView>>),
     Pong(u64),
     /// A relay session's welcome (a direct stream sends its welcome itself).
     Welcome(Box<Welcome>),
-    End(EndReason),
+    End(Box<EndReason>),
 }
 
 impl Event {
@@ -64,6 +66,11 @@ pub(crate) struct DeviceInfo {
 }
 
 /// One receiver of presence updates.
+///
+/// Laid out for fan-out (`repr(C)`, in this order): first what every delivery reads and almost
+/// nothing writes, so both cores keep it cached; then the queue, which the fan-out and the
+/// stream both write, alone in its cache line; then what a delivery never touches.
+#[repr(C)]
 pub struct Subscriber {
     /// Unique in this process; the connection id of a device.
     pub(crate) id: u64,
@@ -79,41 +86,53 @@ pub struct Subscriber {
     /// recorded a miss in, so fan-out records each user once per period instead of on every
     /// change (the set insert was 7-9 % of server CPU with 80 % of devices passive).
     passive_period: AtomicU32,
-    missed: Mutex<HashSet<UserId>>,
-    /// Wakes the device's inbound task when the engine ends the stream.
-    ended: Notify,
-    queue: Mutex<Queue>,
+    /// The queue's bound: at this length it is compacted (see [`Pending`]).
+    capacity: usize,
     /// Where wake-ups of presence deliveries are deferred to, when batching is on.
     batcher: Option<Arc<WakeBatcher>>,
     /// The transport connection the stream travels on (0: unknown), so that a batch wakes the
     /// streams of one connection together; see [`WakeBatcher`].
     wake_group: AtomicU64,
+    pub(crate) device: Option<DeviceInfo>,
+    queue: CacheLine<Mutex<Queue>>,
+    missed: Mutex<HashSet<UserId>>,
+    /// Wakes the device's inbound task when the engine ends the stream.
+    ended: Notify,
     /// The users whose watcher lists hold this subscriber, so that closing removes it from
     /// exactly those. Guarded together with the closed check, see [`Subscriber::track`].
     watching: Mutex<Vec<UserId>>,
-    pub(crate) device: Option<DeviceInfo>,
     /// The versions this receiver last got of users it stopped watching (a contact removed):
     /// watching them again starts above these.
     floors: Mutex<HashMap<UserId, u64>>,
 }
 
-/// The pending events of one subscriber.
+/// A value alone in its cache line(s).
+#[repr(align(64))]
+struct CacheLine<T>(T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The pending events of one subscriber, with the lock in one cache line (56 bytes and the
+/// mutex's own).
 ///
 /// A `std::sync::Mutex` is right here: it is held for a push or a pop, never across `.await`.
 struct Queue {
-    items: VecDeque<Event>,
     /// Set when the stream is waiting for an event.
     waker: Option<Waker>,
-    /// Compaction runs when `items` reaches this length; it moves up after a compaction that
-    /// could not shrink the queue enough, so a large but legitimate backlog is not re-scanned on
-    /// every push.
-    compact_at: usize,
-    /// The configured capacity, the floor of `compact_at`.
-    capacity: usize,
-    /// An `End` was queued: nothing more is accepted.
-    ended: bool,
+    items: Pending,
     /// Set once a relay session's welcome is out: every event goes to the relay stream.
-    relay: Option<(Arc<RelayQueue>, u64)>,
+    relay: Option<Arc<RelayLink>>,
+}
+
+/// Where a relay session's events go once its welcome is out.
+struct RelayLink {
+    queue: Arc<RelayQueue>,
+    session: u64,
 }
 
 impl Subscriber {
@@ -130,24 +149,22 @@ impl Subscriber {
             closed: AtomicBool::new(false),
             passive: AtomicBool::new(false),
             passive_period: AtomicU32::new(0),
-            missed: Mutex::new(HashSet::new()),
-            ended: Notify::new(),
-            queue: Mutex::new(Queue {
-                items: VecDeque::new(),
-                waker: None,
-                compact_at: capacity,
-                capacity,
-                ended: false,
-                relay: None,
-            }),
-            watching: Mutex::new(Vec::new()),
+            capacity,
             batcher,
             wake_group: AtomicU64::new(0),
-            floors: Mutex::new(HashMap::new()),
             device: device.map(|platform| DeviceInfo {
                 platform,
                 activity: AtomicU8::new(encode_activity(Activity::Active)),
             }),
+            queue: CacheLine(Mutex::new(Queue {
+                waker: None,
+                items: Pending::new(),
+                relay: None,
+            })),
+            missed: Mutex::new(HashSet::new()),
+            ended: Notify::new(),
+            watching: Mutex::new(Vec::new()),
+            floors: Mutex::new(HashMap::new()),
         }
     }
 
@@ -287,16 +304,16 @@ impl Subscriber {
     }
 
     fn push_locked(&self, mut q: std::sync::MutexGuard<'_, Queue>, event: Event) -> usize {
-        if q.ended {
+        if q.items.ended {
             return 0;
         }
         if matches!(event, Event::End(_)) {
-            q.ended = true;
+            q.items.ended = true;
         }
-        if let Some((relay, session)) = &q.relay {
-            return relay.push(*session, event);
+        if let Some(link) = &q.relay {
+            return link.queue.push(link.session, event);
         }
-        let coalesced = push_bounded(&mut q, event);
+        let coalesced = q.items.push(event, self.capacity);
         let deferrable = matches!(q.items.back(), Some(Event::Presence(_)));
         if let Some(w) = q.waker.take() {
             match &self.batcher {
@@ -311,17 +328,19 @@ impl Subscriber {
     /// this session queued meanwhile.
     pub(crate) fn forward_to(&self, relay: Arc<RelayQueue>, session: u64) {
         let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
-        for event in q.items.drain(..) {
+        for event in q.items.take_all() {
             relay.push(session, event);
         }
-        q.items = VecDeque::new();
-        q.relay = Some((relay, session));
+        q.relay = Some(Arc::new(RelayLink {
+            queue: relay,
+            session,
+        }));
     }
 
     /// Ends the stream: queues `End` (delivered after what is already queued) and wakes the
     /// device's inbound task.
     pub fn end(&self, reason: EndReason) {
-        self.push(Event::End(reason));
+        self.push(Event::End(Box::new(reason)));
         self.ended.notify_waiters();
         self.ended.notify_one();
     }
@@ -362,7 +381,7 @@ impl Subscriber {
         let mut w = self.watching.lock().expect("watching lock poisoned");
         self.closed.store(true, Ordering::Release);
         let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
-        q.ended = true;
+        q.items.ended = true;
         if let Some(waker) = q.waker.take() {
             waker.wake();
         }
@@ -388,32 +407,16 @@ impl Subscriber {
         let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
         match q.items.pop_front() {
             Some(e) => Poll::Ready(Some(e)),
-            None if q.ended => Poll::Ready(None),
+            None if q.items.ended => Poll::Ready(None),
             None => {
-                q.waker = Some(cx.waker().clone());
+                match &mut q.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    w => *w = Some(cx.waker().clone()),
+                }
                 Poll::Pending
             }
         }
     }
-}
-
-/// Pushes onto a bounded queue: compacts first when full; keeps at most one pong.
-fn push_bounded(q: &mut Queue, event: Event) -> usize {
-    let mut coalesced = 0;
-    if let Event::Pong(_) = event
-        && let Some(i) = q.items.iter().rposition(|e| matches!(e, Event::Pong(_)))
-    {
-        q.items.remove(i);
-    }
-    if q.items.len() >= q.compact_at {
-        coalesced = compact(&mut q.items, |e| match e {
-            Event::Presence(p) => Some(p.view().user_id.get()),
-            _ => None,
-        });
-        q.compact_at = q.capacity.max(q.items.len() * 2);
-    }
-    q.items.push_back(event);
-    coalesced
 }
 
 /// The shared queue of one relay stream: the events of all its sessions, tagged with the
@@ -585,28 +588,6 @@ impl WakeBatcher {
     }
 }
 
-/// Keeps only the newest presence per key (in the order of their newest), and every other
-/// event in place. Returns how many events were dropped.
-fn compact<T>(items: &mut VecDeque<T>, key: impl Fn(&T) -> Option<u64>) -> usize {
-    let before = items.len();
-    let mut newest: HashMap<u64, usize> = HashMap::with_capacity(before);
-    for (i, e) in items.iter().enumerate() {
-        if let Some(k) = key(e) {
-            newest.insert(k, i);
-        }
-    }
-    let mut i = 0;
-    items.retain(|e| {
-        let keep = match key(e) {
-            Some(k) => newest.get(&k) == Some(&i),
-            None => true,
-        };
-        i += 1;
-        keep
-    });
-    before - items.len()
-}
-
 fn encode_visibility(v: Visibility) -> u8 {
     match v {
         Visibility::Everyone => 0,
@@ -694,69 +675,32 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_keeps_only_the_newest_presence_per_user() {
+    fn the_queue_and_its_lock_fit_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Event>(), 16, "the inline slot's size");
+        assert!(
+            std::mem::size_of::<Mutex<Queue>>() <= 64,
+            "{} bytes",
+            std::mem::size_of::<Mutex<Queue>>()
+        );
+        let sub = sub(4);
+        let base = Arc::as_ptr(&sub) as usize;
+        let queue = &*sub.queue as *const Mutex<Queue> as usize;
+        assert_eq!(base % 64, 0, "a subscriber starts a cache line");
+        assert_eq!(
+            queue - base,
+            64,
+            "the read-mostly fields fill the first, the queue the next"
+        );
+    }
+
+    #[test]
+    fn a_subscribers_queue_stays_within_its_capacity() {
         let sub = sub(4);
         for v in 1..=1000 {
             sub.push(presence(1 + v % 2, v));
         }
-        assert!(
-            sub.queued() <= 4,
-            "queue must stay bounded, has {}",
-            sub.queued()
-        );
-        let mut q = sub.queue.lock().unwrap();
-        let versions: Vec<u64> = q
-            .items
-            .drain(..)
-            .map(|e| match e {
-                Event::Presence(p) => p.view().version,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        assert!(
-            versions.contains(&1000) && versions.contains(&999),
-            "newest kept: {versions:?}"
-        );
-        assert!(
-            versions.windows(2).all(|w| w[0] < w[1]),
-            "order kept: {versions:?}"
-        );
-    }
-
-    #[test]
-    fn at_most_one_pong_waits_and_it_is_the_newest() {
-        let sub = sub(8);
-        sub.push(presence(1, 1));
-        for nonce in 0..100_000 {
-            sub.pong(nonce);
-        }
-        sub.push(presence(2, 1));
-        let q = sub.queue.lock().unwrap();
-        assert_eq!(
-            q.items,
-            VecDeque::from([presence(1, 1), Event::Pong(99_999), presence(2, 1)]),
-            "a flood of pings leaves one pong, after the updates queued before it"
-        );
-    }
-
-    #[test]
-    fn compaction_keeps_pongs_and_order() {
-        let mut items: VecDeque<Event> = [
-            presence(1, 1),
-            Event::Pong(5),
-            presence(2, 2),
-            presence(1, 3),
-        ]
-        .into();
-        let key = |e: &Event| match e {
-            Event::Presence(p) => Some(p.view().user_id.get()),
-            _ => None,
-        };
-        assert_eq!(compact(&mut items, key), 1);
-        assert_eq!(
-            items,
-            VecDeque::from([Event::Pong(5), presence(2, 2), presence(1, 3)])
-        );
+        assert!(sub.queued() <= 4, "bounded, has {}", sub.queued());
+        // (The queue's own rules are tested in engine::pending.)
     }
 
     #[tokio::test]
@@ -782,7 +726,10 @@ mod tests {
         sub.end(EndReason::Shutdown);
         sub.push(presence(3, 2));
         assert_eq!(stream.next().await, Some(presence(3, 1)));
-        assert_eq!(stream.next().await, Some(Event::End(EndReason::Shutdown)));
+        assert_eq!(
+            stream.next().await,
+            Some(Event::End(Box::new(EndReason::Shutdown)))
+        );
         assert_eq!(stream.next().await, None, "nothing after End");
     }
 
@@ -874,10 +821,7 @@ mod tests {
         sub.set_passive(false);
         assert_eq!(sub.push_live(presence(2, 3)), Some(0));
         let q = sub.queue.lock().unwrap();
-        assert_eq!(
-            q.items.iter().cloned().collect::<Vec<_>>(),
-            vec![presence(2, 1), presence(2, 3)]
-        );
+        assert_eq!(q.items.to_vec(), vec![presence(2, 1), presence(2, 3)]);
     }
 
     /// Records, in order, which receiver each wake-up went to.

@@ -319,7 +319,7 @@ impl http_body::Body for DeviceBody {
                 }
                 // A direct stream sends its welcome itself (the first frames).
                 Event::Welcome(_) => {}
-                Event::End(reason) => return self.trailers(ApiError::from(reason).into()),
+                Event::End(reason) => return self.trailers(ApiError::from(*reason).into()),
             }
         }
     }

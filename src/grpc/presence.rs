@@ -355,7 +355,7 @@ impl pb::presence_server::Presence for PresenceService {
                         presence_to_proto(u.view()),
                     )),
                 })),
-                Event::End(reason) => Some(Err(ApiError::from(reason).into())),
+                Event::End(reason) => Some(Err(ApiError::from(*reason).into())),
                 Event::Pong(_) | Event::Resync(_) | Event::Welcome(_) => None,
             }
         });

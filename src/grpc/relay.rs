@@ -683,7 +683,7 @@ fn batch_messages(batch: Vec<(u64, Event)>) -> Vec<pb::RelayResponse> {
             }
             Event::Pong(nonce) => Out::Pong(pb::Pong { nonce }),
             Event::End(reason) => {
-                let (code, message) = code_and_message(ApiError::from(reason));
+                let (code, message) = code_and_message(ApiError::from(*reason));
                 Out::Ended(pb::RelaySessionEnded {
                     session_id: session,
                     code,
