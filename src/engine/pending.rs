@@ -163,16 +163,8 @@ pub(super) fn compact<T>(items: &mut VecDeque<T>, key: impl Fn(&T) -> Option<u64
 
 #[cfg(test)]
 mod tests {
+    use super::super::subscriber::test_presence as presence;
     use super::*;
-    use crate::domain::{PresenceView, Status, UserId};
-
-    fn presence(user: u64, version: u64) -> Event {
-        Event::presence(PresenceView {
-            status: Status::Online,
-            version,
-            ..PresenceView::unknown(UserId::parse(user).unwrap())
-        })
-    }
 
     fn versions(p: &Pending) -> Vec<u64> {
         p.to_vec()

@@ -656,19 +656,21 @@ impl Drop for EventStream {
     }
 }
 
+/// An ONLINE update of `user` at `version`, for the engine's unit tests.
+#[cfg(test)]
+pub(super) fn test_presence(user: u64, version: u64) -> Event {
+    Event::presence(PresenceView {
+        status: crate::domain::Status::Online,
+        version,
+        ..PresenceView::unknown(UserId::parse(user).unwrap())
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_presence as presence;
     use super::*;
-    use crate::domain::Status;
     use futures::StreamExt;
-
-    fn presence(user: u64, version: u64) -> Event {
-        Event::presence(PresenceView {
-            status: Status::Online,
-            version,
-            ..PresenceView::unknown(UserId::parse(user).unwrap())
-        })
-    }
 
     fn sub(capacity: usize) -> Arc<Subscriber> {
         Arc::new(Subscriber::new(1, capacity, None, None))
