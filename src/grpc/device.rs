@@ -1,26 +1,31 @@
-//! Device streams on the wire: the response of `Presence/Authenticate` written frame by frame
-//! from the device's queue, instead of through tonic's generated encoder.
+//! Receivers' streams on the wire: the responses of `Presence/Authenticate` (a device) and
+//! `Presence/WatchContacts` (a watch) written frame by frame from the receiver's queue, instead
+//! of through tonic's generated encoder.
 //!
 //! Fan-out is the hot path: every change reaches every watcher's stream. Through tonic, each
 //! delivery was projected, converted and encoded once per receiver and then polled through
 //! half a dozen boxed body layers, twice per delivery (h2 wakes a stream again when it assigns
 //! it send capacity). Here the queue holds [`Update`]s shared by every receiver that sees the
 //! change alike, the first stream to send one encodes it (a framed `presence_updated`), the
-//! others send the same bytes, and the stream's body is one layer over the queue.
+//! others send the same bytes (`presence_updated` is field 2 of both `ServerMessage` and
+//! `WatchContactsResponse`: one encoding serves both), and the stream's body is one layer over
+//! the queue.
 //!
-//! Requests are read with tonic's decoder and the identity the identity layer put on the
-//! request; everything the handler decides is [`PresenceService::open_device`], as before.
+//! Requests are read with tonic's decoder; everything the handlers decide is
+//! [`PresenceService::open_device`] and [`PresenceService::open_watch`].
 //! A call refused before its stream starts is answered as tonic answers it (trailers only).
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
 use futures::future::{BoxFuture, Either};
 use http_body::Frame;
 use prost::Message;
+use std::future::Future as _;
 use tonic::body::Body;
 use tonic::codec::{Codec, Streaming};
 use tonic::{Code, Status};
@@ -35,8 +40,9 @@ use super::codec::CompactCodec;
 use super::convert::presence_to_proto;
 use super::presence::{PresenceService, resync_pages};
 
-/// The path this module serves.
+/// The paths this module serves.
 pub const AUTHENTICATE: &str = "/presence.v1.Presence/Authenticate";
+pub const WATCH_CONTACTS: &str = "/presence.v1.Presence/WatchContacts";
 
 /// A message as gRPC frames it: no compression, the length, the protobuf bytes.
 pub(super) fn frame(msg: &impl Message) -> Bytes {
@@ -48,7 +54,8 @@ pub(super) fn frame(msg: &impl Message) -> Bytes {
     buf.freeze()
 }
 
-/// A presence update, framed: a `ServerMessage` with `presence_updated`.
+/// A presence update, framed: a `ServerMessage` with `presence_updated`, which is also the
+/// encoding of a `WatchContactsResponse` with `presence_updated`.
 fn presence_frame(view: &PresenceView) -> Bytes {
     frame(&pb::ServerMessage {
         kind: Some(ServerKind::PresenceUpdated(presence_to_proto(view))),
@@ -60,7 +67,8 @@ pub(super) fn update_frame(update: &Update) -> Bytes {
     update.wire(presence_frame)
 }
 
-/// Answers `Authenticate` itself and passes every other call to the server's router `S`.
+/// Answers `Authenticate` and `WatchContacts` itself and passes every other call to the
+/// server's router `S`.
 ///
 /// A layer of the whole server rather than a route among tonic's: whatever a router answers is
 /// boxed once more on its way out, and every delivery polls through each box (a cache miss per
@@ -118,7 +126,8 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         use futures::TryFutureExt;
-        if req.uri().path() != AUTHENTICATE {
+        let path = req.uri().path();
+        if path != AUTHENTICATE && path != WATCH_CONTACTS {
             let other: fn(http::Response<B>) -> http::Response<Routed<B>> =
                 |r| r.map(Routed::Other);
             return Either::Right(self.inner.call(req).map_ok(other));
@@ -126,11 +135,25 @@ where
         let verified = super::verify(&self.layer.verifier, &mut req);
         let layer = self.layer.clone();
         Either::Left(Box::pin(async move {
-            let response = match verified {
-                Ok(()) => authenticate(layer.service, req, layer.max_message).await,
-                Err(status) => status.into_http(),
+            if let Err(status) = verified.and_then(|()| uncompressed(&req)) {
+                return Ok(status.into_http());
+            }
+            let opened = if req.uri().path() == AUTHENTICATE {
+                authenticate(&layer, req).await
+            } else {
+                watch(&layer, req).await
             };
-            Ok(response)
+            Ok(match opened {
+                Ok(body) => {
+                    let mut response = http::Response::new(Routed::Device(body));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
         }))
     }
 }
@@ -181,35 +204,45 @@ where
     }
 }
 
-async fn authenticate<B>(
-    service: PresenceService,
-    req: http::Request<Body>,
-    max_message: usize,
-) -> http::Response<Routed<B>> {
-    if let Err(status) = uncompressed(&req) {
-        return status.into_http();
-    }
+async fn authenticate(layer: &DeviceLayer, req: http::Request<Body>) -> Result<DeviceBody, Status> {
+    let max_message = layer.max_message;
     let req = req.map(|body| {
         let decoder = CompactCodec::<pb::ServerMessage, pb::ClientMessage>::default().decoder();
         Streaming::new_request(decoder, body, None, Some(max_message))
     });
-    match service.open_device(tonic::Request::from_http(req)).await {
-        Ok((first, events)) => {
-            let body = DeviceBody {
-                ready: first.into(),
-                events: Some(events),
-                max_message,
-                done: false,
-            };
-            let mut response = http::Response::new(Routed::Device(body));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            response
-        }
-        Err(status) => status.into_http(),
-    }
+    let (first, events) = layer
+        .service
+        .open_device(tonic::Request::from_http(req))
+        .await?;
+    Ok(DeviceBody::new(
+        Kind::Device,
+        first,
+        events,
+        None,
+        max_message,
+    ))
+}
+
+/// WatchContacts takes one request message (read as tonic reads a unary request).
+async fn watch(layer: &DeviceLayer, req: http::Request<Body>) -> Result<DeviceBody, Status> {
+    let max_message = layer.max_message;
+    let (parts, body) = req.into_parts();
+    let decoder =
+        CompactCodec::<pb::WatchContactsResponse, pb::WatchContactsRequest>::default().decoder();
+    let mut request = Streaming::new_request(decoder, body, None, Some(max_message));
+    let message = request
+        .message()
+        .await?
+        .ok_or_else(|| Status::internal("Missing request message."))?;
+    let req = tonic::Request::from_http(http::Request::from_parts(parts, message));
+    let (first, events, expires_at) = layer.service.open_watch(req).await?;
+    Ok(DeviceBody::new(
+        Kind::Watch,
+        first,
+        events,
+        expires_at,
+        max_message,
+    ))
 }
 
 /// This server accepts no compressed requests (tonic's answer, as its generated code gives it).
@@ -231,25 +264,61 @@ fn uncompressed<B>(req: &http::Request<B>) -> Result<(), Status> {
     }
 }
 
-/// The response body of a device stream: its welcome pages, then whatever its queue yields,
-/// then the trailers (`grpc-status` of how the stream ended). Dropping it (the client went away
-/// or reset the stream) drops the queue's stream, which unregisters the device.
+/// What a receiver's stream is: which events it carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Authenticate: updates, pongs, resyncs.
+    Device,
+    /// WatchContacts: updates only; ends when the caller's token expires.
+    Watch,
+}
+
+/// The response body of a receiver's stream: its first frames (welcome or snapshot), then
+/// whatever its queue yields, then the trailers (`grpc-status` of how the stream ended).
+/// Dropping it (the client went away or reset the stream) drops the queue's stream, which
+/// unregisters the receiver.
 pub struct DeviceBody {
-    /// Frames to send before the next event: the welcome, or the pages of a resync.
+    kind: Kind,
+    /// Frames to send before the next event: the welcome or snapshot, or a resync's pages.
     ready: VecDeque<Bytes>,
     /// None only in an empty body (a trailers-only answer).
     events: Option<EventStream>,
+    /// A watch ends UNAUTHENTICATED when its token expires (a device's reader ends a device).
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     max_message: usize,
     /// The trailers went out.
     done: bool,
 }
 
 impl DeviceBody {
+    fn new(
+        kind: Kind,
+        first: Vec<Bytes>,
+        events: EventStream,
+        expires_at: Option<u64>,
+        max_message: usize,
+    ) -> DeviceBody {
+        let expiry = expires_at.map(|exp| {
+            let left = exp.saturating_sub(crate::auth::unix_now());
+            Box::pin(tokio::time::sleep(Duration::from_secs(left)))
+        });
+        DeviceBody {
+            kind,
+            ready: first.into(),
+            events: Some(events),
+            expiry,
+            max_message,
+            done: false,
+        }
+    }
+
     /// A body with nothing to send.
     fn finished() -> DeviceBody {
         DeviceBody {
+            kind: Kind::Device,
             ready: VecDeque::new(),
             events: None,
+            expiry: None,
             max_message: 0,
             done: true,
         }
@@ -289,6 +358,12 @@ impl http_body::Body for DeviceBody {
         if self.done {
             return Poll::Ready(None);
         }
+        if let Some(expiry) = &mut self.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            let expired = ApiError::Expired("the token of this stream expired".into());
+            return self.trailers(expired.into());
+        }
         loop {
             if let Some(bytes) = self.ready.pop_front() {
                 return self.data(bytes);
@@ -303,6 +378,9 @@ impl http_body::Body for DeviceBody {
             };
             match event {
                 Event::Presence(update) => return self.data(update_frame(&update)),
+                Event::End(reason) => return self.trailers(ApiError::from(*reason).into()),
+                // A watch carries updates only.
+                _ if self.kind == Kind::Watch => {}
                 Event::Pong(nonce) => {
                     let pong = pb::ServerMessage {
                         kind: Some(ServerKind::Pong(pb::Pong { nonce })),
@@ -319,7 +397,6 @@ impl http_body::Body for DeviceBody {
                 }
                 // A direct stream sends its welcome itself (the first frames).
                 Event::Welcome(_) => {}
-                Event::End(reason) => return self.trailers(ApiError::from(*reason).into()),
             }
         }
     }

@@ -2,15 +2,14 @@
 //! views back out as protos.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, stream};
+use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Identity;
 use crate::domain::{PresenceView, UserId, Viewer, now_millis, printable};
-use crate::engine::{EndReason, Engine, Event, EventStream, Subscriber, Welcome};
+use crate::engine::{EndReason, Engine, EventStream, Subscriber, Welcome};
 use crate::pb::{self, client_message::Kind as ClientKind, server_message::Kind as ServerKind};
 
 use bytes::Bytes;
@@ -135,47 +134,6 @@ pub(super) fn resync_pages(views: &[PresenceView]) -> Vec<pb::Resync> {
         .collect()
 }
 
-/// A stream that ends with UNAUTHENTICATED when its token expires.
-struct Expiring<T> {
-    inner: BoxStream<T>,
-    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
-    done: bool,
-}
-
-impl<T> Expiring<T> {
-    fn new(inner: BoxStream<T>, expires_at: Option<u64>) -> Self {
-        let expiry = expires_at.map(|exp| {
-            let left = exp.saturating_sub(crate::auth::unix_now());
-            Box::pin(tokio::time::sleep(Duration::from_secs(left)))
-        });
-        Expiring {
-            inner,
-            expiry,
-            done: false,
-        }
-    }
-}
-
-impl<T> Stream for Expiring<T> {
-    type Item = Result<T, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if let Some(expiry) = &mut self.expiry
-            && expiry.as_mut().poll(cx).is_ready()
-        {
-            self.done = true;
-            let expired = ApiError::Expired("the token of this stream expired".into());
-            return Poll::Ready(Some(Err(expired.into())));
-        }
-        self.inner.as_mut().poll_next(cx)
-    }
-}
-
-use std::future::Future as _;
-
 impl PresenceService {
     /// An Authenticate call up to its stream: the hello read and checked, the device connected,
     /// its reader started. Returns the welcome's frames and the device's queue, which
@@ -250,6 +208,50 @@ impl PresenceService {
         tokio::spawn(inbound_task.run(inbound));
         Ok((first, session.stream))
     }
+
+    /// A WatchContacts call up to its stream: the ids checked, the watch registered. Returns
+    /// the snapshot's frames, the watch's queue and when the caller's token expires.
+    pub(super) async fn open_watch(
+        &self,
+        req: Request<pb::WatchContactsRequest>,
+    ) -> Result<(Vec<Bytes>, EventStream, Option<u64>), Status> {
+        let id = identity(&req)?;
+        let ids = convert::user_ids(&req.get_ref().user_ids, "user_ids", self.limits.max_ids)
+            .map_err(ApiError::from)?;
+        let viewer = viewer_of(&id);
+        match viewer {
+            Viewer::Service if ids.is_empty() => {
+                return Err(ApiError::Invalid(
+                    "user_ids is empty: a service caller has no contacts; list the users to watch"
+                        .into(),
+                )
+                .into());
+            }
+            Viewer::User(u) => self.rates.presence_ids(u, ids.len())?,
+            Viewer::Service => {}
+        }
+        let (stream, snapshot) = self
+            .engine
+            .watch(viewer, &ids)
+            .await
+            .map_err(ApiError::from)?;
+        stream.subscriber().set_wake_group(connection_key(&req));
+        let pages = pages(&snapshot);
+        let n = pages.len();
+        let first: Vec<Bytes> = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, users)| {
+                frame(&pb::WatchContactsResponse {
+                    kind: Some(pb::watch_contacts_response::Kind::Snapshot(pb::Snapshot {
+                        users,
+                        last_page: i + 1 == n,
+                    })),
+                })
+            })
+            .collect();
+        Ok((first, stream, id.expires_at))
+    }
 }
 
 #[tonic::async_trait]
@@ -309,59 +311,15 @@ impl pb::presence_server::Presence for PresenceService {
 
     type WatchContactsStream = BoxStream<pb::WatchContactsResponse>;
 
+    /// Never called: [`super::device::DeviceRoutes`] answers this path before tonic's router
+    /// would.
     async fn watch_contacts(
         &self,
-        req: Request<pb::WatchContactsRequest>,
+        _req: Request<pb::WatchContactsRequest>,
     ) -> Result<Response<Self::WatchContactsStream>, Status> {
-        let id = identity(&req)?;
-        let ids = convert::user_ids(&req.get_ref().user_ids, "user_ids", self.limits.max_ids)
-            .map_err(ApiError::from)?;
-        let viewer = viewer_of(&id);
-        match viewer {
-            Viewer::Service if ids.is_empty() => {
-                return Err(ApiError::Invalid(
-                    "user_ids is empty: a service caller has no contacts; list the users to watch"
-                        .into(),
-                )
-                .into());
-            }
-            Viewer::User(u) => self.rates.presence_ids(u, ids.len())?,
-            Viewer::Service => {}
-        }
-        let (stream, snapshot) = self
-            .engine
-            .watch(viewer, &ids)
-            .await
-            .map_err(ApiError::from)?;
-        stream.subscriber().set_wake_group(connection_key(&req));
-        let pages = pages(&snapshot);
-        let n = pages.len();
-        let first: Vec<Result<pb::WatchContactsResponse, Status>> = pages
-            .into_iter()
-            .enumerate()
-            .map(|(i, users)| {
-                Ok(pb::WatchContactsResponse {
-                    kind: Some(pb::watch_contacts_response::Kind::Snapshot(pb::Snapshot {
-                        users,
-                        last_page: i + 1 == n,
-                    })),
-                })
-            })
-            .collect();
-        let updates = stream.filter_map(|event| async move {
-            match event {
-                Event::Presence(u) => Some(Ok(pb::WatchContactsResponse {
-                    kind: Some(pb::watch_contacts_response::Kind::PresenceUpdated(
-                        presence_to_proto(u.view()),
-                    )),
-                })),
-                Event::End(reason) => Some(Err(ApiError::from(*reason).into())),
-                Event::Pong(_) | Event::Resync(_) | Event::Welcome(_) => None,
-            }
-        });
-        let all: BoxStream<pb::WatchContactsResponse> =
-            Box::pin(stream::iter(first).chain(updates));
-        Ok(Response::new(Box::pin(Expiring::new(all, id.expires_at))))
+        Err(Status::internal(
+            "WatchContacts is served by the device route, not the generated server",
+        ))
     }
 
     async fn get_stats(

@@ -218,3 +218,67 @@ async fn a_message_with_the_compressed_flag_is_refused_and_connects_nothing() {
     let stats = app.stats().await;
     assert_eq!(stats.connections, 0, "no device was connected");
 }
+
+#[tokio::test]
+async fn a_raw_watch_gets_its_snapshot_then_updates_framed_as_watch_responses() {
+    let app = spawn_app(|_| {}).await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/presence.v1.Presence/WatchContacts",
+            app.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-presence-service", "raw-watcher")
+        .body(())
+        .unwrap();
+    let (pending, mut send) = client.send_request(request, false).unwrap();
+    let ask = pb::WatchContactsRequest {
+        user_ids: vec![31, 32],
+    };
+    send.send_data(frame(&ask, false), true).unwrap();
+    let mut body = response(pending).await.into_body();
+    let read = |bytes: &[u8]| pb::WatchContactsResponse::decode(bytes).unwrap();
+    let mut raw = BytesMut::new();
+    let mut next = async || loop {
+        if raw.len() >= 5 {
+            let len = u32::from_be_bytes(raw[1..5].try_into().unwrap()) as usize;
+            if raw.len() >= 5 + len {
+                raw.advance(5);
+                return raw.split_to(len).freeze();
+            }
+        }
+        let chunk = tokio::time::timeout(WAIT, body.data())
+            .await
+            .expect("data in time")
+            .expect("the watch goes on")
+            .unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        raw.put_slice(&chunk);
+    };
+    let snapshot = read(&next().await);
+    let Some(pb::watch_contacts_response::Kind::Snapshot(s)) = snapshot.kind else {
+        panic!("a snapshot first: {snapshot:?}");
+    };
+    assert!(s.last_page);
+    assert_eq!(
+        s.users.iter().map(|u| u.user_id).collect::<Vec<_>>(),
+        vec![31, 32]
+    );
+
+    // A device of user 31 connects: the watch gets it as a WatchContactsResponse.
+    let _device = app.device(&user(31)).await;
+    let update = read(&next().await);
+    let Some(pb::watch_contacts_response::Kind::PresenceUpdated(p)) = update.kind else {
+        panic!("an update: {update:?}");
+    };
+    assert_eq!((p.user_id, p.status), (31, pb::Status::Online as i32));
+    assert_eq!(p.connected, Some(true), "a service sees `connected`");
+}
