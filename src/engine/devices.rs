@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use crate::domain::{Activity, Platform, PresenceView, UserId, now_millis};
 use crate::rules::{Devices, Op};
 
-use super::registry::{OWN, attach_watch};
+use super::registry::{OWN, attach_watch, push_tight};
 use super::subscriber::{Event, EventStream, Subscriber};
 use super::timers::Timer;
 use super::view::Relation;
@@ -97,8 +97,8 @@ impl Engine {
                         let first = entry.local().total == 1;
                         sub.set_own_last_seen(entry.presence().privacy.last_seen);
                         let audience = entry.audience();
-                        audience.followers.push(sub.clone());
-                        audience.viewers.push(sub.clone());
+                        push_tight(&mut audience.followers, sub.clone());
+                        push_tight(&mut audience.viewers, sub.clone());
                         if audience.contacts.is_none() {
                             audience.contacts = Some(contacts.clone());
                         }

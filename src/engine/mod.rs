@@ -17,6 +17,7 @@
 //! results, its subscription, leases and reaping), [`lifecycle`] (this node's record in the
 //! store and crash recovery), [`timers`] (graces and custom status expiries), [`flusher`]
 //! (write-behind), [`shutdown`].
+mod contact_list;
 mod contacts;
 mod devices;
 mod flusher;

@@ -6,7 +6,7 @@
 //! round trip to the connection's worker thread: under a wave of connects, two fifths of the
 //! server's CPU went to switching threads. Merged, a wave costs a few statements per batch of
 //! connects, and a lone read still runs at once.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -18,8 +18,8 @@ use crate::store::{PresenceRow, Result, Store};
 /// Most users one merged query reads; more wait for the next one.
 const MAX_USERS_PER_QUERY: usize = 2_000;
 
-/// A user's contacts, shared between the entry cache and whoever asked.
-pub(super) type ContactSet = Arc<HashSet<UserId>>;
+use super::contact_list::ContactList;
+use super::registry::ContactSet;
 
 /// Merged reads of presence rows and contact lists.
 pub(super) struct Reads {
@@ -78,12 +78,14 @@ async fn read_contacts(
     users: Vec<UserId>,
 ) -> Result<HashMap<UserId, ContactSet>> {
     let pairs = store.contacts_of_many(&users).await?;
-    let mut sets: HashMap<UserId, HashSet<UserId>> =
-        users.iter().map(|&u| (u, HashSet::new())).collect();
+    let mut lists: HashMap<UserId, Vec<UserId>> = users.iter().map(|&u| (u, Vec::new())).collect();
     for (user, contact) in pairs {
-        sets.entry(user).or_default().insert(contact);
+        lists.entry(user).or_default().push(contact);
     }
-    Ok(sets.into_iter().map(|(u, s)| (u, Arc::new(s))).collect())
+    Ok(lists
+        .into_iter()
+        .map(|(u, ids)| (u, Arc::new(ids.into_iter().collect::<ContactList>())))
+        .collect())
 }
 
 /// One read waiting for a query: its users and where the answer goes (None: the query failed).

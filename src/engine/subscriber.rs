@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
-use tokio::sync::Notify;
 
 use crate::domain::{Activity, Platform, PresenceView, UserId, Visibility};
 
@@ -95,15 +94,21 @@ pub struct Subscriber {
     wake_group: AtomicU64,
     pub(crate) device: Option<DeviceInfo>,
     queue: CacheLine<Mutex<Queue>>,
-    missed: Mutex<HashSet<UserId>>,
-    /// Wakes the device's inbound task when the engine ends the stream.
-    ended: Notify,
+    rare: Mutex<Option<Box<Rare>>>,
     /// The users whose watcher lists hold this subscriber, so that closing removes it from
     /// exactly those. Guarded together with the closed check, see [`Subscriber::track`].
     watching: Mutex<Vec<UserId>>,
+}
+
+/// What only some receivers need, allocated when first needed: most devices never go to the
+/// background and never lose a contact.
+#[derive(Default)]
+struct Rare {
+    /// The users whose presence changed while the device was passive.
+    missed: HashSet<UserId>,
     /// The versions this receiver last got of users it stopped watching (a contact removed):
     /// watching them again starts above these.
-    floors: Mutex<HashMap<UserId, u64>>,
+    floors: HashMap<UserId, u64>,
 }
 
 /// A value alone in its cache line(s).
@@ -161,10 +166,8 @@ impl Subscriber {
                 items: Pending::new(),
                 relay: None,
             })),
-            missed: Mutex::new(HashSet::new()),
-            ended: Notify::new(),
+            rare: Mutex::new(None),
             watching: Mutex::new(Vec::new()),
-            floors: Mutex::new(HashMap::new()),
         }
     }
 
@@ -242,45 +245,39 @@ impl Subscriber {
 
     /// Fan-out to a passive subscriber: remember that `user` changed.
     pub(crate) fn miss(&self, user: UserId) {
-        self.missed
-            .lock()
-            .expect("missed lock poisoned")
-            .insert(user);
+        self.rare().get_or_insert_default().missed.insert(user);
     }
 
     /// Takes one user out of the missed set; false when it was not there.
     pub(crate) fn take_missed(&self, user: UserId) -> bool {
-        self.missed
-            .lock()
-            .expect("missed lock poisoned")
-            .remove(&user)
+        self.rare().as_mut().is_some_and(|r| r.missed.remove(&user))
     }
 
     /// The users missed so far (the set is left as is).
     pub(crate) fn missed(&self) -> Vec<UserId> {
-        self.missed
-            .lock()
-            .expect("missed lock poisoned")
-            .iter()
-            .copied()
-            .collect()
+        self.rare()
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.missed.iter().copied().collect())
     }
 
     /// Remembers the version this receiver last got of a user it stops watching.
     pub(crate) fn set_floor(&self, user: UserId, version: u64) {
-        self.floors
-            .lock()
-            .expect("floors lock poisoned")
+        self.rare()
+            .get_or_insert_default()
+            .floors
             .insert(user, version);
     }
 
     /// The version a new watch of `user` must start above (0: none), forgotten once read.
     pub(crate) fn take_floor(&self, user: UserId) -> u64 {
-        self.floors
-            .lock()
-            .expect("floors lock poisoned")
-            .remove(&user)
+        self.rare()
+            .as_mut()
+            .and_then(|r| r.floors.remove(&user))
             .unwrap_or(0)
+    }
+
+    fn rare(&self) -> std::sync::MutexGuard<'_, Option<Box<Rare>>> {
+        self.rare.lock().expect("subscriber lock poisoned")
     }
 
     /// Queues an event without waiting. Returns how many queued presences a compaction replaced
@@ -337,23 +334,15 @@ impl Subscriber {
         }));
     }
 
-    /// Ends the stream: queues `End` (delivered after what is already queued) and wakes the
-    /// device's inbound task.
+    /// Ends the stream: queues `End`, delivered after what is already queued.
     pub fn end(&self, reason: EndReason) {
         self.push(Event::End(Box::new(reason)));
-        self.ended.notify_waiters();
-        self.ended.notify_one();
     }
 
     /// Answers a ping, in order with the updates already queued; an older pong still waiting
     /// is replaced.
     pub fn pong(&self, nonce: u64) {
         self.push(Event::Pong(nonce));
-    }
-
-    /// Resolves once [`Subscriber::end`] or the engine's close was called.
-    pub async fn ended(&self) {
-        self.ended.notified().await
     }
 
     /// Records that `user`'s watcher list now holds this subscriber. Returns false, recording
@@ -365,7 +354,7 @@ impl Subscriber {
         if self.is_closed() {
             return false;
         }
-        w.push(user);
+        super::registry::push_tight(&mut w, user);
         true
     }
 
@@ -386,11 +375,9 @@ impl Subscriber {
             waker.wake();
         }
         drop(q);
-        self.missed.lock().expect("missed lock poisoned").clear();
-        // The device's inbound task waits on this too: a stream that is gone must not leave
-        // its reader behind (a client that half-closed and then went away did).
-        self.ended.notify_waiters();
-        self.ended.notify_one();
+        if let Some(r) = self.rare().as_mut() {
+            r.missed.clear();
+        }
         std::mem::take(&mut *w)
     }
 
@@ -703,21 +690,6 @@ mod tests {
         }
         assert!(sub.queued() <= 4, "bounded, has {}", sub.queued());
         // (The queue's own rules are tested in engine::pending.)
-    }
-
-    #[tokio::test]
-    async fn closing_wakes_whoever_waits_for_the_end() {
-        let sub = sub(8);
-        let waiter = {
-            let sub = sub.clone();
-            tokio::spawn(async move { sub.ended().await })
-        };
-        tokio::task::yield_now().await;
-        sub.close();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("a closed subscriber must release the device's reader")
-            .unwrap();
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use crate::domain::{Platform, PresenceView, UserId, Viewer, Visibility, now_millis};
 
-use super::registry::{ContactSet, attach_watch};
+use super::registry::{ContactSet, attach_watch, push_tight};
 use super::subscriber::{EventStream, Subscriber};
 use super::view::{Relation, ViewerContext, project};
 use super::{Engine, EngineError, Result};
@@ -164,9 +164,9 @@ impl Engine {
                     sub.set_own_last_seen(entry.presence().privacy.last_seen);
                     let audience = entry.audience();
                     audience.watches += 1;
-                    audience.viewers.push(sub.clone());
+                    push_tight(&mut audience.viewers, sub.clone());
                     if let Some(contacts) = follow {
-                        audience.followers.push(sub.clone());
+                        push_tight(&mut audience.followers, sub.clone());
                         if audience.contacts.is_none() {
                             audience.contacts = Some(contacts.clone());
                         }

@@ -27,8 +27,9 @@ use http_body::Frame;
 use prost::Message;
 use std::future::Future as _;
 use tonic::body::Body;
-use tonic::codec::{Codec, Streaming};
+use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
 
 use crate::auth::Verifier;
 use crate::domain::PresenceView;
@@ -38,7 +39,12 @@ use crate::pb::{self, server_message::Kind as ServerKind};
 use super::ApiError;
 use super::codec::CompactCodec;
 use super::convert::presence_to_proto;
+use super::inbound::DeviceInbound;
 use super::presence::{PresenceService, resync_pages};
+
+/// A device stream's initial read buffer, kept for the stream's life (hours): a hello, a ping
+/// or a status is a few tens of bytes.
+const DEVICE_READ_BUFFER: usize = 64;
 
 /// The paths this module serves.
 pub const AUTHENTICATE: &str = "/presence.v1.Presence/Authenticate";
@@ -159,6 +165,10 @@ where
 }
 
 /// A response body of the server: a device stream's, or whatever the router answered.
+///
+/// Unboxed on purpose: tonic boxes the whole body once, and a device's is the one that lives for
+/// hours and is polled on every delivery; a unary answer's box is larger for a moment.
+#[allow(clippy::large_enum_variant)]
 pub enum Routed<B> {
     Device(DeviceBody),
     Other(B),
@@ -207,20 +217,18 @@ where
 async fn authenticate(layer: &DeviceLayer, req: http::Request<Body>) -> Result<DeviceBody, Status> {
     let max_message = layer.max_message;
     let req = req.map(|body| {
-        let decoder = CompactCodec::<pb::ServerMessage, pb::ClientMessage>::default().decoder();
+        // A device sends a few tens of bytes at a time; the buffer grows for a longer message.
+        let settings = BufferSettings::new(DEVICE_READ_BUFFER, DEVICE_READ_BUFFER);
+        let decoder = ProstCodec::<pb::ServerMessage, pb::ClientMessage>::raw_decoder(settings);
         Streaming::new_request(decoder, body, None, Some(max_message))
     });
-    let (first, events) = layer
+    let (first, events, inbound) = layer
         .service
         .open_device(tonic::Request::from_http(req))
         .await?;
-    Ok(DeviceBody::new(
-        Kind::Device,
-        first,
-        events,
-        None,
-        max_message,
-    ))
+    let mut body = DeviceBody::new(Kind::Device, first, events, None, max_message);
+    body.inbound = Some(inbound);
+    Ok(body)
 }
 
 /// WatchContacts takes one request message (read as tonic reads a unary request).
@@ -285,6 +293,10 @@ pub struct DeviceBody {
     events: Option<EventStream>,
     /// A watch ends UNAUTHENTICATED when its token expires (a device's reader ends a device).
     expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A device's reader of what it sends, polled on this stream's task.
+    inbound: Option<DeviceInbound>,
+    /// How the stream ends, once the data taken before its end is out.
+    ending: Option<Status>,
     max_message: usize,
     /// The trailers went out.
     done: bool,
@@ -307,6 +319,8 @@ impl DeviceBody {
             ready: first.into(),
             events: Some(events),
             expiry,
+            inbound: None,
+            ending: None,
             max_message,
             done: false,
         }
@@ -319,6 +333,8 @@ impl DeviceBody {
             ready: VecDeque::new(),
             events: None,
             expiry: None,
+            inbound: None,
+            ending: None,
             max_message: 0,
             done: true,
         }
@@ -334,58 +350,37 @@ impl DeviceBody {
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
-    fn data(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if bytes.len() - 5 > self.max_message {
-            let status = Status::out_of_range(format!(
-                "Error, encoded message length too large: found {} bytes, the limit is: {} bytes",
-                bytes.len() - 5,
-                self.max_message
-            ));
-            return self.trailers(status);
-        }
-        Poll::Ready(Some(Ok(Frame::data(bytes))))
-    }
-}
-
-impl http_body::Body for DeviceBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if let Some(expiry) = &mut self.expiry
-            && expiry.as_mut().poll(cx).is_ready()
-        {
-            let expired = ApiError::Expired("the token of this stream expired".into());
-            return self.trailers(expired.into());
-        }
+    /// The next frame to send, if one is ready: the next of `ready`, else what the queue
+    /// yields (its end is the trailers).
+    fn next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         loop {
             if let Some(bytes) = self.ready.pop_front() {
-                return self.data(bytes);
+                if self.ready.is_empty() {
+                    // The welcome is out: its list's room is not kept for the stream's life.
+                    self.ready = VecDeque::new();
+                }
+                return Poll::Ready(self.checked(bytes));
             }
             let Some(events) = self.events.as_mut() else {
-                return Poll::Ready(None);
+                return Poll::Ready(Next::End(None));
             };
             let event = match Pin::new(events).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return self.trailers(Status::ok("")),
+                Poll::Ready(None) => return Poll::Ready(Next::End(Some(Status::ok("")))),
                 Poll::Ready(Some(event)) => event,
             };
             match event {
-                Event::Presence(update) => return self.data(update_frame(&update)),
-                Event::End(reason) => return self.trailers(ApiError::from(*reason).into()),
+                Event::Presence(update) => return Poll::Ready(self.checked(update_frame(&update))),
+                Event::End(reason) => {
+                    return Poll::Ready(Next::End(Some(ApiError::from(*reason).into())));
+                }
                 // A watch carries updates only.
                 _ if self.kind == Kind::Watch => {}
                 Event::Pong(nonce) => {
                     let pong = pb::ServerMessage {
                         kind: Some(ServerKind::Pong(pb::Pong { nonce })),
                     };
-                    return self.data(frame(&pong));
+                    return Poll::Ready(self.checked(frame(&pong)));
                 }
                 Event::Resync(views) => {
                     let pages = resync_pages(&views).into_iter().map(|r| {
@@ -399,6 +394,83 @@ impl http_body::Body for DeviceBody {
                 Event::Welcome(_) => {}
             }
         }
+    }
+
+    /// A frame within the message size limit, or the end it causes (tonic's error for it).
+    fn checked(&self, bytes: Bytes) -> Next {
+        if bytes.len() - 5 > self.max_message {
+            return Next::End(Some(Status::out_of_range(format!(
+                "Error, encoded message length too large: found {} bytes, the limit is: {} bytes",
+                bytes.len() - 5,
+                self.max_message
+            ))));
+        }
+        Next::Frame(bytes)
+    }
+}
+
+/// What a receiver's stream sends next.
+enum Next {
+    Frame(Bytes),
+    /// The trailers with this status; None: nothing (an empty body).
+    End(Option<Status>),
+}
+
+/// Frames that are ready together go out as one chunk up to this size (one HTTP/2 DATA frame,
+/// one poll of the stream), as tonic's encoder batches them: a receiver that fell behind
+/// catches up in few frames instead of one per update.
+const BATCH_BYTES: usize = 32 * 1024;
+
+impl http_body::Body for DeviceBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(status) = self.ending.take() {
+            return self.trailers(status);
+        }
+        if let Some(inbound) = &mut self.inbound {
+            inbound.poll(cx);
+        }
+        if let Some(expiry) = &mut self.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            let expired = ApiError::Expired("the token of this stream expired".into());
+            return self.trailers(expired.into());
+        }
+        let first = match self.next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Next::End(None)) => return Poll::Ready(None),
+            Poll::Ready(Next::End(Some(status))) => return self.trailers(status),
+            Poll::Ready(Next::Frame(bytes)) => bytes,
+        };
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.len(), |b| b.len()) < BATCH_BYTES {
+            match self.next(cx) {
+                Poll::Ready(Next::Frame(bytes)) => {
+                    let b = batch.get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(first.len() + bytes.len());
+                        b.extend_from_slice(&first);
+                        b
+                    });
+                    b.extend_from_slice(&bytes);
+                }
+                // The data already taken goes first; the end with the next poll.
+                Poll::Ready(Next::End(status)) => {
+                    self.ending = status;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let data = batch.map_or(first, BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,6 +6,7 @@ mod contacts;
 mod convert;
 mod device;
 mod error;
+mod inbound;
 pub mod limits;
 mod observe;
 mod presence;

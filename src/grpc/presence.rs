@@ -2,20 +2,20 @@
 //! views back out as protos.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Identity;
 use crate::domain::{PresenceView, UserId, Viewer, now_millis, printable};
-use crate::engine::{EndReason, Engine, EventStream, Subscriber, Welcome};
+use crate::engine::{Engine, EventStream, Welcome};
 use crate::pb::{self, client_message::Kind as ClientKind, server_message::Kind as ServerKind};
 
 use bytes::Bytes;
 
 use super::convert::{self, presence_to_proto};
 use super::device::frame;
+use super::inbound::DeviceInbound;
 use super::limits::{HelloGate, RateLimits};
 use super::{ApiError, RequestLimits, identity};
 
@@ -135,13 +135,13 @@ pub(super) fn resync_pages(views: &[PresenceView]) -> Vec<pb::Resync> {
 }
 
 impl PresenceService {
-    /// An Authenticate call up to its stream: the hello read and checked, the device connected,
-    /// its reader started. Returns the welcome's frames and the device's queue, which
-    /// [`super::device`] writes to the wire.
+    /// An Authenticate call up to its stream: the hello read and checked, the device connected.
+    /// Returns the welcome's frames, the device's queue and the reader of what it sends next,
+    /// which [`super::device`] runs on the stream's task.
     pub(super) async fn open_device(
         &self,
         req: Request<Streaming<pb::ClientMessage>>,
-    ) -> Result<(Vec<Bytes>, EventStream), Status> {
+    ) -> Result<(Vec<Bytes>, EventStream, DeviceInbound), Status> {
         let id = identity(&req)?;
         let user = acting_user(&id, "Authenticate")?;
         let connection = connection_key(&req);
@@ -198,15 +198,15 @@ impl PresenceService {
             .collect();
         let sub = session.stream.subscriber().clone();
         sub.set_wake_group(connection);
-        let inbound_task = InboundTask {
-            engine: self.engine.clone(),
-            rates: self.rates.clone(),
+        let inbound = DeviceInbound::new(
+            self.engine.clone(),
+            self.rates.clone(),
             sub,
             user,
-            expires_at: id.expires_at,
-        };
-        tokio::spawn(inbound_task.run(inbound));
-        Ok((first, session.stream))
+            inbound,
+            id.expires_at,
+        );
+        Ok((first, session.stream, inbound))
     }
 
     /// A WatchContacts call up to its stream: the ids checked, the watch registered. Returns
@@ -393,112 +393,5 @@ impl pb::presence_server::Presence for PresenceService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(presence_to_proto(&view)))
-    }
-}
-
-/// Reads what a device sends after its hello, for as long as the device is connected.
-struct InboundTask {
-    engine: Engine,
-    rates: Arc<RateLimits>,
-    sub: Arc<Subscriber>,
-    user: UserId,
-    /// When the stream's token expires (Unix seconds).
-    expires_at: Option<u64>,
-}
-
-impl InboundTask {
-    async fn run(self, mut inbound: Streaming<pb::ClientMessage>) {
-        let expiry = async {
-            match self.expires_at {
-                Some(exp) => {
-                    let left = exp.saturating_sub(crate::auth::unix_now());
-                    tokio::time::sleep(Duration::from_secs(left)).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expiry);
-        // A client that half-closes its side stays connected until it goes away.
-        let mut open = true;
-        loop {
-            tokio::select! {
-                msg = inbound.message(), if open => match msg {
-                    Ok(Some(m)) => {
-                        // Boxed: a future is as large as its largest state, and this rare one
-                        // (a change through the engine) made the task that every connected
-                        // device keeps for hours 1,552 bytes instead of 856.
-                        if let Err(reason) = Box::pin(self.handle(m)).await {
-                            tracing::info!(
-                                user_id = %self.user,
-                                connection_id = %self.engine.connection_id(&self.sub),
-                                ?reason,
-                                "ending a device stream on a bad message"
-                            );
-                            self.sub.end(reason);
-                            return;
-                        }
-                    }
-                    Ok(None) => open = false,
-                    Err(_) => return,
-                },
-                _ = self.sub.ended() => return,
-                _ = &mut expiry => {
-                    tracing::info!(
-                        user_id = %self.user,
-                        connection_id = %self.engine.connection_id(&self.sub),
-                        "token expired; ending the device stream"
-                    );
-                    self.sub.end(EndReason::Expired);
-                    return;
-                }
-            }
-            if self.sub.is_closed() {
-                return;
-            }
-        }
-    }
-
-    async fn handle(&self, msg: pb::ClientMessage) -> Result<(), EndReason> {
-        match msg.kind {
-            Some(ClientKind::Ping(p)) => {
-                self.sub.pong(p.nonce);
-                Ok(())
-            }
-            Some(ClientKind::UpdateStatus(u)) => {
-                let status = convert::status_from_proto(u.status, "update_status.status")
-                    .map_err(|e| EndReason::InvalidInput(e.0))?;
-                self.rates
-                    .status_change(self.user)
-                    .map_err(|e| EndReason::LimitExceeded(e.to_string()))?;
-                if let Err(e) = self.engine.update_status(self.user, status).await {
-                    // A store failure must not end the device: the status is kept in memory
-                    // whenever the entry is there; report and carry on.
-                    tracing::warn!(
-                        user_id = %self.user,
-                        connection_id = %self.engine.connection_id(&self.sub),
-                        error = %e,
-                        "update_status on a device stream failed"
-                    );
-                }
-                Ok(())
-            }
-            Some(ClientKind::SetActivity(a)) => {
-                let activity = convert::activity_from_proto(a.activity, "set_activity.activity")
-                    .map_err(|e| EndReason::InvalidInput(e.0))?;
-                // Over the limit the change is ignored (and counted), the stream goes on.
-                if self.rates.activity_change(self.sub.id()).is_ok() {
-                    self.engine
-                        .set_activity(&self.sub, self.user, activity)
-                        .await;
-                }
-                Ok(())
-            }
-            Some(ClientKind::Hello(_)) => Err(EndReason::InvalidInput(
-                "hello was already received on this stream".into(),
-            )),
-            None => Err(EndReason::InvalidInput(
-                "empty ClientMessage: set one of hello, update_status, ping, set_activity".into(),
-            )),
-        }
     }
 }

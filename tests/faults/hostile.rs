@@ -117,7 +117,8 @@ async fn calls_to_unknown_paths_grow_neither_the_metrics_nor_the_memory() {
 }
 
 /// Finding 2: a client says hello, then sets its receive window to 0 (it never reads) and
-/// floods pings: at most one pong waits, so memory stays flat.
+/// floods pings: at most one pong waits, and the server stops reading a stream that does not
+/// read its answers, so memory stays flat.
 #[tokio::test]
 async fn a_ping_flood_on_a_stream_that_is_never_read_keeps_memory_flat() {
     let _turn = exclusive().await;
@@ -164,6 +165,9 @@ async fn a_ping_flood_on_a_stream_that_is_never_read_keeps_memory_flat() {
     });
     let started = Instant::now();
     let mut sent = 0u64;
+    // Whether the server stopped taking pings: it reads a stream's messages on the stream's
+    // own task, which waits for the client to read what it was sent (HTTP/2 flow control).
+    let mut held_back = false;
     while started.elapsed() < Duration::from_secs(6) {
         let mut batch = BytesMut::new();
         for _ in 0..1000 {
@@ -172,11 +176,18 @@ async fn a_ping_flood_on_a_stream_that_is_never_read_keeps_memory_flat() {
         let len = batch.len();
         send.reserve_capacity(len);
         // Sent as fast as the server takes them (its receive window), never faster.
-        while send.capacity() < len {
-            match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(_)) => {}
-                other => panic!("the stream was closed under the flood: {other:?}"),
+        let waited = tokio::time::timeout(Duration::from_millis(500), async {
+            while send.capacity() < len {
+                match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    other => panic!("the stream was closed under the flood: {other:?}"),
+                }
             }
+        })
+        .await;
+        if waited.is_err() {
+            held_back = true;
+            continue;
         }
         send.send_data(batch.freeze(), false)
             .expect("pings are sent");
@@ -184,10 +195,15 @@ async fn a_ping_flood_on_a_stream_that_is_never_read_keeps_memory_flat() {
     }
     let grown = server.rss().saturating_sub(before);
     eprintln!(
-        "hostile: {sent} pings in 6 s on a stream whose window is 0: RSS +{} KiB",
+        "hostile: {sent} pings in 6 s on a stream whose window is 0 (server held the flood back: \
+         {held_back}): RSS +{} KiB",
         grown / 1024
     );
-    assert!(sent >= 100_000, "the flood really ran: {sent} pings");
+    assert!(sent > 0, "the flood started");
+    assert!(
+        held_back || sent >= 100_000,
+        "either the server stopped reading the flood, or it took it all: {sent} pings"
+    );
     assert!(grown < 32 * MIB, "memory stays flat: +{} MiB", grown / MIB);
 }
 
