@@ -18,7 +18,6 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
@@ -310,10 +309,7 @@ impl DeviceBody {
         expires_at: Option<u64>,
         max_message: usize,
     ) -> DeviceBody {
-        let expiry = expires_at.map(|exp| {
-            let left = exp.saturating_sub(crate::auth::unix_now());
-            Box::pin(tokio::time::sleep(Duration::from_secs(left)))
-        });
+        let expiry = super::expiry_timer(expires_at);
         DeviceBody {
             kind,
             ready: first.into(),

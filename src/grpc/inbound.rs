@@ -12,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::Stream;
 use futures::future::BoxFuture;
@@ -59,10 +58,7 @@ impl DeviceInbound {
         messages: Streaming<pb::ClientMessage>,
         expires_at: Option<u64>,
     ) -> Self {
-        let expiry = expires_at.map(|exp| {
-            let left = exp.saturating_sub(crate::auth::unix_now());
-            Box::pin(tokio::time::sleep(Duration::from_secs(left)))
-        });
+        let expiry = super::expiry_timer(expires_at);
         DeviceInbound {
             engine,
             rates,

@@ -116,6 +116,14 @@ fn verify<B>(verifier: &Verifier, req: &mut http::Request<B>) -> Result<(), Stat
     Ok(())
 }
 
+/// A timer that fires when a stream's token expires (Unix seconds), if it does.
+fn expiry_timer(expires_at: Option<u64>) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+    expires_at.map(|exp| {
+        let left = exp.saturating_sub(crate::auth::unix_now());
+        Box::pin(tokio::time::sleep(std::time::Duration::from_secs(left)))
+    })
+}
+
 /// The identity [`IdentityLayer`] verified.
 fn identity<T>(req: &Request<T>) -> Result<Identity, ApiError> {
     req.extensions()
