@@ -390,10 +390,11 @@ impl Subscriber {
             .len()
     }
 
-    fn poll_next_event(&self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+    /// The next event, and how many are still queued behind it.
+    fn poll_next_event(&self, cx: &mut Context<'_>) -> Poll<Option<(Event, usize)>> {
         let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
         match q.items.pop_front() {
-            Some(e) => Poll::Ready(Some(e)),
+            Some(e) => Poll::Ready(Some((e, q.items.len()))),
             None if q.items.ended => Poll::Ready(None),
             None => {
                 match &mut q.waker {
@@ -627,11 +628,23 @@ impl EventStream {
     }
 }
 
+impl EventStream {
+    /// The next event and whether more are queued behind it (a caller batching what is ready
+    /// need not ask again when nothing is).
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Event, bool)>> {
+        self.sub
+            .poll_next_event(cx)
+            .map(|e| e.map(|(event, left)| (event, left > 0)))
+    }
+}
+
 impl Stream for EventStream {
     type Item = Event;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.sub.poll_next_event(cx)
+        self.sub
+            .poll_next_event(cx)
+            .map(|e| e.map(|(event, _)| event))
     }
 }
 

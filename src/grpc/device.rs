@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::Stream;
 use futures::future::{BoxFuture, Either};
 use http_body::Frame;
 use prost::Message;
@@ -296,6 +295,8 @@ pub struct DeviceBody {
     inbound: Option<DeviceInbound>,
     /// How the stream ends, once the data taken before its end is out.
     ending: Option<Status>,
+    /// The queue had more events behind the last one taken.
+    more: bool,
     max_message: usize,
     /// The trailers went out.
     done: bool,
@@ -317,6 +318,7 @@ impl DeviceBody {
             expiry,
             inbound: None,
             ending: None,
+            more: false,
             max_message,
             done: false,
         }
@@ -331,6 +333,7 @@ impl DeviceBody {
             expiry: None,
             inbound: None,
             ending: None,
+            more: false,
             max_message: 0,
             done: true,
         }
@@ -360,10 +363,13 @@ impl DeviceBody {
             let Some(events) = self.events.as_mut() else {
                 return Poll::Ready(Next::End(None));
             };
-            let event = match Pin::new(events).poll_next(cx) {
+            let event = match events.poll_event(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Next::End(Some(Status::ok("")))),
-                Poll::Ready(Some(event)) => event,
+                Poll::Ready(Some((event, more))) => {
+                    self.more = more;
+                    event
+                }
             };
             match event {
                 Event::Presence(update) => return Poll::Ready(self.checked(update_frame(&update))),
@@ -447,7 +453,9 @@ impl http_body::Body for DeviceBody {
             Poll::Ready(Next::Frame(bytes)) => bytes,
         };
         let mut batch: Option<BytesMut> = None;
-        while batch.as_ref().map_or(first.len(), |b| b.len()) < BATCH_BYTES {
+        while (self.more || !self.ready.is_empty())
+            && batch.as_ref().map_or(first.len(), |b| b.len()) < BATCH_BYTES
+        {
             match self.next(cx) {
                 Poll::Ready(Next::Frame(bytes)) => {
                     let b = batch.get_or_insert_with(|| {

@@ -11,10 +11,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures::Stream;
 use futures::future::BoxFuture;
+use futures::task::AtomicWaker;
 use tonic::Streaming;
 
 use crate::domain::UserId;
@@ -29,6 +31,11 @@ use super::limits::RateLimits;
 const BATCH: usize = 64;
 
 pub(super) struct DeviceInbound {
+    /// Set when something the reader waits on woke it: the body polls the reader only then, not
+    /// on every delivery (a poll of the request stream takes the connection's HTTP/2 lock).
+    woken: Arc<Woken>,
+    /// Wakes `woken`, then the stream's task.
+    waker: Waker,
     engine: Engine,
     rates: Arc<RateLimits>,
     sub: Arc<Subscriber>,
@@ -40,6 +47,23 @@ pub(super) struct DeviceInbound {
     handling: Option<BoxFuture<'static, ()>>,
     /// When the stream's token expires.
     expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The reader's own wake-up: remembers that it was woken, then wakes the stream's task.
+struct Woken {
+    flag: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// What one message asks for.
@@ -59,7 +83,13 @@ impl DeviceInbound {
         expires_at: Option<u64>,
     ) -> Self {
         let expiry = super::expiry_timer(expires_at);
+        let woken = Arc::new(Woken {
+            flag: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
         DeviceInbound {
+            waker: Waker::from(woken.clone()),
+            woken,
             engine,
             rates,
             sub,
@@ -72,7 +102,13 @@ impl DeviceInbound {
 
     /// Reads and handles what has arrived. Never finishes: what it decides to end goes into
     /// the device's queue as an `End`, which the body sends as the stream's trailers.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>) {
+    pub(super) fn poll(&mut self, task: &mut Context<'_>) {
+        self.woken.task.register(task.waker());
+        if !self.woken.flag.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let waker = self.waker.clone();
+        let cx = &mut Context::from_waker(&waker);
         if let Some(expiry) = &mut self.expiry
             && expiry.as_mut().poll(cx).is_ready()
         {
