@@ -23,6 +23,11 @@ impl Server {
     /// Starts the server as a bench run needs it: no grace (offline at once), a status rate
     /// limit that churn cannot reach, no metrics listener.
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// [`Server::start`] with extra environment.
+    fn start_with(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("a temporary directory for the database");
         let mut child = Command::new(env!("CARGO_BIN_EXE_presence"))
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -34,6 +39,7 @@ impl Server {
             .env("PRESENCE_OFFLINE_GRACE_MS", "0")
             .env("PRESENCE_RATE_STATUS_PER_MIN", "100000")
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -190,6 +196,54 @@ fn churn_matches_every_change_to_every_online_contact() {
     assert!(
         u(&r, "/phase/server_delta/changes") >= u(&r, "/churn/changes"),
         "the server counted every change"
+    );
+}
+
+#[test]
+fn churn_with_the_tonic_device_client_matches_every_change_too() {
+    let server = Server::start();
+    let r = server.bench("churn", &["--rate", "200", "--device-client", "tonic"]);
+    assert_clean(&r);
+    assert_eq!(u(&r, "/connect/streams"), 200);
+    assert!(
+        u(&r, "/churn/deliveries") > 0,
+        "changes were delivered: {r:#}"
+    );
+}
+
+#[test]
+fn passive_devices_miss_updates_and_each_woken_one_gets_its_resync() {
+    let server = Server::start();
+    let r = server.bench(
+        "passive",
+        &["--passive", "80", "--rate", "100", "--wake", "100"],
+    );
+    assert_clean(&r);
+    assert_eq!(u(&r, "/passive/confirmed"), 160, "80 % of 200 went passive");
+    assert_eq!(u(&r, "/passive/received_while_passive"), 0);
+    assert!(
+        u(&r, "/passive/deliveries_skipped") > 0,
+        "skips happened: {r:#}"
+    );
+    assert_eq!(u(&r, "/passive/resyncs_missing"), 0, "{r:#}");
+    assert_eq!(
+        u(&r, "/passive/waves/0/resyncs"),
+        100,
+        "every woken device resynced"
+    );
+}
+
+#[test]
+fn devices_refused_while_the_server_sheds_set_ups_retry_and_all_connect() {
+    // One set-up at a time: most opens are answered UNAVAILABLE (trailers only), which the
+    // raw device client must read from the HPACK block and retry, as a device would.
+    let server = Server::start_with(&[("PRESENCE_MAX_PENDING_SETUPS", "1")]);
+    let r = server.bench("connect", &["--concurrency", "100"]);
+    assert_clean(&r);
+    assert_eq!(u(&r, "/connect/streams"), 200, "every device got in: {r:#}");
+    assert!(
+        u(&r, "/connect/retries") > 0,
+        "some were refused and retried: {r:#}"
     );
 }
 

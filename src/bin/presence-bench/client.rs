@@ -105,6 +105,20 @@ impl Auth {
         Ok(())
     }
 
+    /// The metadata of a call on behalf of `user`, as HTTP/2 header fields (for
+    /// [`crate::h2raw`]).
+    pub fn user_headers(&self, user: u64) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut req = Request::new(());
+        self.as_user(&mut req, user)?;
+        Ok(req
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect())
+    }
+
     /// Makes the call as the `bench` service.
     pub fn as_service<T>(&self, req: &mut Request<T>) {
         match self {

@@ -14,6 +14,7 @@ use tonic::{Request, Streaming};
 use presence::pb::{self, client_message};
 
 use crate::client::{Auth, Pool};
+use crate::h2raw::{RawPool, RawRequests};
 use crate::plan::Plan;
 use crate::recorder::{Hist, Recorder, Tally};
 use crate::wire::{self, DeviceCodec, Incoming};
@@ -42,9 +43,27 @@ pub enum Cmd {
     Flap,
 }
 
+/// Where a steady device's messages go: its tonic request stream, or its raw stream.
+#[derive(Clone)]
+enum Requests {
+    Tonic(mpsc::UnboundedSender<pb::ClientMessage>),
+    Raw(RawRequests),
+}
+
+impl Requests {
+    fn send(&self, msg: pb::ClientMessage) -> bool {
+        match self {
+            Requests::Tonic(tx) => tx.send(msg).is_ok(),
+            Requests::Raw(r) => r.send(&msg),
+        }
+    }
+}
+
 /// Everything the devices of a run share.
 pub struct Shared {
     pub pool: Pool,
+    /// Set when steady devices speak HTTP/2 by hand ([`crate::h2raw`], the default).
+    pub raw: Option<RawPool>,
     pub auth: Auth,
     pub recorder: Arc<Recorder>,
     /// By user id: the user's own state from its first welcome.
@@ -64,16 +83,23 @@ struct Own {
     status: AtomicI32,
     /// The request stream of a steady device (one that never flaps): the driver sends its
     /// status changes there directly.
-    requests: OnceLock<mpsc::UnboundedSender<pb::ClientMessage>>,
+    requests: OnceLock<Requests>,
     /// When the driver asked this device to wake (nanoseconds after `Shared::epoch`, plus one;
     /// 0: never): its resync's latency counts from there.
     wake_at: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(pool: Pool, auth: Auth, recorder: Arc<Recorder>, max_user: u64) -> Shared {
+    pub fn new(
+        pool: Pool,
+        raw: Option<RawPool>,
+        auth: Auth,
+        recorder: Arc<Recorder>,
+        max_user: u64,
+    ) -> Shared {
         Shared {
             pool,
+            raw,
             auth,
             recorder,
             own: (0..=max_user).map(|_| Own::default()).collect(),
@@ -100,6 +126,30 @@ impl Shared {
             0 => None,
             ns => Some(self.epoch + Duration::from_nanos(ns)),
         }
+    }
+
+    /// Records `user`'s first welcome: its own state, its requests (a steady device), the
+    /// connect and its time.
+    fn opened(
+        &self,
+        user: u64,
+        own: Option<&pb::UserPresence>,
+        requests: impl Into<Option<Requests>>,
+        took: Duration,
+    ) {
+        let me = &self.own[user as usize];
+        me.version
+            .store(own.map_or(0, |p| p.version), Ordering::Release);
+        me.status
+            .store(own.map_or(0, |p| p.status), Ordering::Release);
+        if let Some(r) = requests.into() {
+            let _ = me.requests.set(r);
+        }
+        me.connected.store(true, Ordering::Release);
+        self.recorder.with(|t| {
+            t.counters.connects += 1;
+            t.record(Hist::Welcome, took);
+        });
     }
 
     /// Whether `user`'s first connection got its welcome.
@@ -131,10 +181,19 @@ struct Opened {
 /// shedding a reconnect wave, asking to retry) is retried with jittered exponential backoff, as
 /// a device would, for up to RETRY_LIMIT; the time to welcome counts from the first attempt.
 async fn open(shared: &Shared, user: u64) -> anyhow::Result<Opened> {
+    retrying(shared, user, |started| attempt(shared, user, started)).await
+}
+
+/// Runs `attempt` until it succeeds, retrying UNAVAILABLE as [`open`] says.
+async fn retrying<T, F, Fut>(shared: &Shared, user: u64, attempt: F) -> anyhow::Result<T>
+where
+    F: Fn(Instant) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let attempt = tokio::time::timeout(OPEN_TIMEOUT, attempt(shared, user, started)).await;
+        let attempt = tokio::time::timeout(OPEN_TIMEOUT, attempt(started)).await;
         let err = match attempt {
             Ok(Ok(opened)) => return Ok(opened),
             Ok(Err(e)) => e,
@@ -152,15 +211,43 @@ async fn open(shared: &Shared, user: u64) -> anyhow::Result<Opened> {
     }
 }
 
+/// Opens a steady device on a raw connection: once its welcome is in, the device lives in
+/// that connection's task, which checks each message as it reads it.
+async fn open_raw(
+    shared: &Arc<Shared>,
+    raw: &RawPool,
+    user: u64,
+) -> anyhow::Result<crate::h2raw::Opened> {
+    let metadata = shared.auth.user_headers(user)?;
+    retrying(shared, user, |started| {
+        let shared = shared.clone();
+        let metadata = metadata.clone();
+        async move {
+            let make: crate::h2raw::MakeDevice = {
+                let shared = shared.clone();
+                Box::new(move |welcome: &pb::Welcome| Device::new(user, true, shared, welcome))
+            };
+            raw.open(user, metadata, &hello_message(), make, started)
+                .await
+                .map_err(status_error)
+        }
+    })
+    .await
+}
+
+fn hello_message() -> pb::ClientMessage {
+    pb::ClientMessage {
+        kind: Some(client_message::Kind::Hello(pb::Hello {
+            device: "bench".into(),
+            ..Default::default()
+        })),
+    }
+}
+
 async fn attempt(shared: &Shared, user: u64, started: Instant) -> anyhow::Result<Opened> {
     let (requests, rx) = mpsc::unbounded_channel();
     requests
-        .send(pb::ClientMessage {
-            kind: Some(client_message::Kind::Hello(pb::Hello {
-                device: "bench".into(),
-                ..Default::default()
-            })),
-        })
+        .send(hello_message())
         .expect("the receiver is alive: it is right here");
     let mut req = Request::new(UnboundedReceiverStream::new(rx));
     shared.auth.as_user(&mut req, user)?;
@@ -214,7 +301,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 /// One device's receiving side.
-struct Device {
+pub struct Device {
     user: u64,
     /// Whether this device's receipts of churn changes are accounted (latency, gaps, losses).
     /// Flapping devices are not: their welcomes restart what they should see.
@@ -255,7 +342,7 @@ enum Step {
 }
 
 impl Device {
-    fn new(user: u64, tracked: bool, shared: Arc<Shared>, welcome: &pb::Welcome) -> Device {
+    pub fn new(user: u64, tracked: bool, shared: Arc<Shared>, welcome: &pb::Welcome) -> Device {
         Device {
             user,
             tracked,
@@ -351,7 +438,12 @@ impl Device {
         }
     }
 
-    fn failed(&self, why: impl std::fmt::Display) {
+    /// Accounts for what never arrived (a raw device's end; a tonic device's is in `run`).
+    pub fn finish(&self) {
+        self.view.finish(&self.shared);
+    }
+
+    pub fn failed(&self, why: impl std::fmt::Display) {
         self.shared.recorder.with(|t| t.counters.stream_errors += 1);
         self.shared
             .recorder
@@ -359,7 +451,7 @@ impl Device {
     }
 
     /// Checks one message; returns true for the pong that closes a steady device.
-    fn on_message(&mut self, m: Incoming) -> bool {
+    pub fn on_message(&mut self, m: Incoming) -> bool {
         let p = match m {
             Incoming::Presence(p) => p,
             Incoming::Pong(CLOSE_NONCE) => return true,
@@ -709,25 +801,34 @@ impl Fleet {
                 self.commands[user as usize] = Some(tx);
                 Some(rx)
             };
+            if tracked && let Some(raw) = shared.raw.clone() {
+                self.tasks.push(tokio::spawn(async move {
+                    match open_raw(&shared, &raw, user).await {
+                        Ok(o) => {
+                            let took = o.took_from.elapsed();
+                            shared.opened(
+                                user,
+                                o.welcome_self.as_ref(),
+                                Requests::Raw(o.requests),
+                                took,
+                            );
+                        }
+                        Err(e) => {
+                            shared.recorder.with(|t| t.counters.connect_errors += 1);
+                            shared.recorder.error(format!("{e:#}"));
+                        }
+                    }
+                    drop(permit);
+                }));
+                continue;
+            }
             self.tasks.push(tokio::spawn(async move {
                 // The permit is held until the outcome is recorded: `connect` returns once all
                 // permits are back, and then reads the counts.
                 match open(&shared, user).await {
                     Ok(o) => {
-                        let me = &shared.own[user as usize];
-                        let own = o.welcome.self_.as_ref();
-                        me.version
-                            .store(own.map_or(0, |p| p.version), Ordering::Release);
-                        me.status
-                            .store(own.map_or(0, |p| p.status), Ordering::Release);
-                        if tracked {
-                            let _ = me.requests.set(o.requests.clone());
-                        }
-                        me.connected.store(true, Ordering::Release);
-                        shared.recorder.with(|t| {
-                            t.counters.connects += 1;
-                            t.record(Hist::Welcome, o.took);
-                        });
+                        let requests = tracked.then(|| Requests::Tonic(o.requests.clone()));
+                        shared.opened(user, o.welcome.self_.as_ref(), requests, o.took);
                         drop(permit);
                         let device = Device::new(user, tracked, shared.clone(), &o.welcome);
                         device.run(o, rx).await;
@@ -753,7 +854,7 @@ impl Fleet {
         if let Cmd::Status(status) = cmd
             && let Some(tx) = self.steady(user)
         {
-            return tx.send(status_message(status)).is_ok();
+            return tx.send(status_message(status));
         }
         self.commands
             .get(user as usize)
@@ -766,8 +867,8 @@ impl Fleet {
     /// live stream.
     pub fn background(&self, user: u64) -> bool {
         self.steady(user).is_some_and(|tx| {
-            tx.send(activity_message(pb::Activity::Background)).is_ok()
-                && tx.send(ping_message(PASSIVE_NONCE)).is_ok()
+            tx.send(activity_message(pb::Activity::Background))
+                && tx.send(ping_message(PASSIVE_NONCE))
         })
     }
 
@@ -777,10 +878,10 @@ impl Fleet {
             return false;
         };
         self.shared.mark_wake(user, Instant::now());
-        tx.send(activity_message(pb::Activity::Active)).is_ok()
+        tx.send(activity_message(pb::Activity::Active))
     }
 
-    fn steady(&self, user: u64) -> Option<&mpsc::UnboundedSender<pb::ClientMessage>> {
+    fn steady(&self, user: u64) -> Option<&Requests> {
         self.shared.own.get(user as usize)?.requests.get()
     }
 
@@ -791,15 +892,25 @@ impl Fleet {
         self.commands.clear();
         for own in &self.shared.own {
             if let Some(tx) = own.requests.get() {
-                let _ = tx.send(ping_message(CLOSE_NONCE));
+                tx.send(ping_message(CLOSE_NONCE));
             }
         }
         let all = futures::future::join_all(self.tasks.drain(..));
-        if tokio::time::timeout(Duration::from_secs(30), all)
-            .await
-            .is_err()
+        let raw_done = async {
+            if let Some(raw) = &self.shared.raw {
+                while raw.live() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), async {
+            all.await;
+            raw_done.await;
+        })
+        .await
+        .is_err()
         {
-            eprintln!("warning: some device tasks did not end within 30 s");
+            eprintln!("warning: some devices did not end within 30 s");
         }
     }
 }

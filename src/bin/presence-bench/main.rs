@@ -16,6 +16,7 @@
 mod client;
 mod device;
 mod graph;
+mod h2raw;
 mod plan;
 mod recorder;
 mod report;
@@ -199,6 +200,17 @@ pub struct Common {
     /// A shell command run as the measured phase ends, before the server's counters are read.
     #[arg(long)]
     pub on_phase_end: Option<String>,
+    /// How steady devices speak to the server: `raw` (HTTP/2 by hand, one task per
+    /// connection: the light instrument) or `tonic` (the generated client, as before
+    /// 2026-12-07). Devices that flap always use tonic.
+    #[arg(long, value_enum, default_value_t = DeviceClient::Raw)]
+    pub device_client: DeviceClient,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceClient {
+    Raw,
+    Tonic,
 }
 
 #[tokio::main]

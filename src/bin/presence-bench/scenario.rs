@@ -102,10 +102,15 @@ impl Bench {
             None => None,
         };
         let pool = Pool::connect(&addrs, conns).await?;
+        let raw = match common.device_client {
+            crate::DeviceClient::Raw => Some(crate::h2raw::RawPool::connect(&addrs, conns).await?),
+            crate::DeviceClient::Tonic => None,
+        };
         let auth = Auth::new(common.token_secret.clone())?;
         let recorder = Arc::new(Recorder::default());
         let shared = Arc::new(Shared::new(
             pool.clone(),
+            raw,
             auth.clone(),
             recorder.clone(),
             common.users,
