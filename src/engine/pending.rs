@@ -22,6 +22,8 @@ pub(super) struct Pending {
     len: u32,
     /// An `End` was queued: nothing more is accepted. Kept here, in the lock's cache line.
     pub ended: bool,
+    /// The device's reader was woken (a message arrived); see `Subscriber::wake_reader`.
+    pub reader_woken: bool,
 }
 
 struct Spill {
@@ -38,6 +40,7 @@ impl Pending {
             spill: None,
             len: 0,
             ended: false,
+            reader_woken: false,
         }
     }
 

@@ -390,9 +390,26 @@ impl Subscriber {
             .len()
     }
 
-    /// The next event, and how many are still queued behind it.
-    fn poll_next_event(&self, cx: &mut Context<'_>) -> Poll<Option<(Event, usize)>> {
+    /// A device's stream also reads what the device sends, on the same task: its reader's
+    /// wake-ups land here, so that one look at the queue (whose cache line a poll loads
+    /// anyway) tells the stream both whether an event waits and whether the reader has work.
+    pub fn wake_reader(&self) {
         let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        q.items.reader_woken = true;
+        if let Some(w) = q.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The next event, and how many are still queued behind it. `reader` is set (and the mark
+    /// cleared) when [`Subscriber::wake_reader`] was called since the last look.
+    fn poll_next_event(
+        &self,
+        cx: &mut Context<'_>,
+        reader: &mut bool,
+    ) -> Poll<Option<(Event, usize)>> {
+        let mut q = self.queue.lock().expect("subscriber queue lock poisoned");
+        *reader = std::mem::take(&mut q.items.reader_woken);
         match q.items.pop_front() {
             Some(e) => Poll::Ready(Some((e, q.items.len()))),
             None if q.items.ended => Poll::Ready(None),
@@ -631,9 +648,14 @@ impl EventStream {
 impl EventStream {
     /// The next event and whether more are queued behind it (a caller batching what is ready
     /// need not ask again when nothing is).
-    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Event, bool)>> {
+    /// `reader`: see [`Subscriber::wake_reader`].
+    pub fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut bool,
+    ) -> Poll<Option<(Event, bool)>> {
         self.sub
-            .poll_next_event(cx)
+            .poll_next_event(cx, reader)
             .map(|e| e.map(|(event, left)| (event, left > 0)))
     }
 }
@@ -643,7 +665,7 @@ impl Stream for EventStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         self.sub
-            .poll_next_event(cx)
+            .poll_next_event(cx, &mut false)
             .map(|e| e.map(|(event, _)| event))
     }
 }
@@ -856,8 +878,15 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_presence_wake_up_is_deferred_to_the_batch_with_its_group() {
+    /// Subscriber 1 of connection 42, whose wake-ups wait for a tick that never comes in a
+    /// test, and a waker recording into the log.
+    #[allow(clippy::type_complexity)]
+    fn grouped_subscriber() -> (
+        Arc<WakeBatcher>,
+        Arc<Subscriber>,
+        Arc<Mutex<Vec<u64>>>,
+        std::task::Waker,
+    ) {
         let batcher = WakeBatcher::start(std::time::Duration::from_secs(3600));
         let sub = Arc::new(Subscriber::new(1, 8, Some(batcher.clone()), None));
         sub.set_wake_group(42);
@@ -866,9 +895,15 @@ mod tests {
             id: 1,
             log: log.clone(),
         }));
+        (batcher, sub, log, waker)
+    }
+
+    #[tokio::test]
+    async fn a_presence_wake_up_is_deferred_to_the_batch_with_its_group() {
+        let (batcher, sub, log, waker) = grouped_subscriber();
         let mut cx = Context::from_waker(&waker);
         assert!(
-            sub.poll_next_event(&mut cx).is_pending(),
+            sub.poll_next_event(&mut cx, &mut false).is_pending(),
             "nothing queued yet"
         );
         sub.push(presence(3, 1));
@@ -879,5 +914,24 @@ mod tests {
         let pending = batcher.pending.lock().unwrap();
         assert_eq!(pending.len(), 1, "its wake-up waits for the tick");
         assert_eq!(pending[0].0, 42, "with the subscriber's connection");
+    }
+
+    #[tokio::test]
+    async fn a_reader_wake_up_is_not_deferred_and_is_reported_once() {
+        let (_batcher, sub, log, waker) = grouped_subscriber();
+        let mut cx = Context::from_waker(&waker);
+        let mut reader = true;
+        assert!(sub.poll_next_event(&mut cx, &mut reader).is_pending());
+        assert!(!reader, "the reader was not woken yet");
+        sub.wake_reader();
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![1],
+            "a message from the device wakes its task at once, not at the batch tick"
+        );
+        assert!(sub.poll_next_event(&mut cx, &mut reader).is_pending());
+        assert!(reader, "the poll reports the reader's wake-up");
+        assert!(sub.poll_next_event(&mut cx, &mut reader).is_pending());
+        assert!(!reader, "and only once");
     }
 }

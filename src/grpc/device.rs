@@ -363,7 +363,16 @@ impl DeviceBody {
             let Some(events) = self.events.as_mut() else {
                 return Poll::Ready(Next::End(None));
             };
-            let event = match events.poll_event(cx) {
+            let mut reader = false;
+            let polled = events.poll_event(cx, &mut reader);
+            if reader && let Some(inbound) = &mut self.inbound {
+                inbound.poll();
+                if polled.is_pending() {
+                    // What the reader did (a pong, an end) is queued now.
+                    continue;
+                }
+            }
+            let event = match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Next::End(Some(Status::ok("")))),
                 Poll::Ready(Some((event, more))) => {
@@ -436,9 +445,6 @@ impl http_body::Body for DeviceBody {
         }
         if let Some(status) = self.ending.take() {
             return self.trailers(status);
-        }
-        if let Some(inbound) = &mut self.inbound {
-            inbound.poll(cx);
         }
         if let Some(expiry) = &mut self.expiry
             && expiry.as_mut().poll(cx).is_ready()

@@ -10,13 +10,11 @@
 //! read its answers is not read either: HTTP/2 flow control holds it back.
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures::Stream;
 use futures::future::BoxFuture;
-use futures::task::AtomicWaker;
 use tonic::Streaming;
 
 use crate::domain::UserId;
@@ -31,10 +29,8 @@ use super::limits::RateLimits;
 const BATCH: usize = 64;
 
 pub(super) struct DeviceInbound {
-    /// Set when something the reader waits on woke it: the body polls the reader only then, not
-    /// on every delivery (a poll of the request stream takes the connection's HTTP/2 lock).
-    woken: Arc<Woken>,
-    /// Wakes `woken`, then the stream's task.
+    /// What the reader waits on wakes it with: the body polls the reader only then, not on
+    /// every delivery (a poll of the request stream takes the connection's HTTP/2 lock).
     waker: Waker,
     engine: Engine,
     rates: Arc<RateLimits>,
@@ -49,20 +45,18 @@ pub(super) struct DeviceInbound {
     expiry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// The reader's own wake-up: remembers that it was woken, then wakes the stream's task.
-struct Woken {
-    flag: AtomicBool,
-    task: AtomicWaker,
-}
+/// The reader's wake-up: recorded in the device's queue (see [`Subscriber::wake_reader`]).
+struct ReaderWake(Weak<Subscriber>);
 
-impl Wake for Woken {
+impl Wake for ReaderWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.flag.store(true, Ordering::Release);
-        self.task.wake();
+        if let Some(sub) = self.0.upgrade() {
+            sub.wake_reader();
+        }
     }
 }
 
@@ -83,13 +77,10 @@ impl DeviceInbound {
         expires_at: Option<u64>,
     ) -> Self {
         let expiry = super::expiry_timer(expires_at);
-        let woken = Arc::new(Woken {
-            flag: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
+        // The first poll reads whatever followed the hello.
+        sub.wake_reader();
         DeviceInbound {
-            waker: Waker::from(woken.clone()),
-            woken,
+            waker: Waker::from(Arc::new(ReaderWake(Arc::downgrade(&sub)))),
             engine,
             rates,
             sub,
@@ -102,11 +93,8 @@ impl DeviceInbound {
 
     /// Reads and handles what has arrived. Never finishes: what it decides to end goes into
     /// the device's queue as an `End`, which the body sends as the stream's trailers.
-    pub(super) fn poll(&mut self, task: &mut Context<'_>) {
-        self.woken.task.register(task.waker());
-        if !self.woken.flag.swap(false, Ordering::AcqRel) {
-            return;
-        }
+    /// Called by the body when the reader was woken.
+    pub(super) fn poll(&mut self) {
         let waker = self.waker.clone();
         let cx = &mut Context::from_waker(&waker);
         if let Some(expiry) = &mut self.expiry
