@@ -6,6 +6,7 @@
 //! Buffers still grow on demand for a large message.
 use std::marker::PhantomData;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -42,4 +43,15 @@ where
     fn decoder(&mut self) -> Self::Decoder {
         ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
     }
+}
+
+/// A message as gRPC frames it on the wire: no compression, the length, the protobuf bytes.
+/// What the server's own stream bodies send and what the bench's raw HTTP/2 client sends.
+pub fn frame(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    msg.encode_raw(&mut buf);
+    buf.freeze()
 }

@@ -19,10 +19,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, Either};
 use http_body::Frame;
-use prost::Message;
 use std::future::Future as _;
 use tonic::body::Body;
 use tonic::codec::{BufferSettings, Codec, Streaming};
@@ -35,7 +34,7 @@ use crate::engine::{Event, EventStream, Update};
 use crate::pb::{self, server_message::Kind as ServerKind};
 
 use super::ApiError;
-use super::codec::CompactCodec;
+use super::codec::{CompactCodec, frame};
 use super::convert::presence_to_proto;
 use super::inbound::DeviceInbound;
 use super::presence::{PresenceService, resync_pages};
@@ -47,16 +46,6 @@ const DEVICE_READ_BUFFER: usize = 64;
 /// The paths this module serves.
 pub const AUTHENTICATE: &str = "/presence.v1.Presence/Authenticate";
 pub const WATCH_CONTACTS: &str = "/presence.v1.Presence/WatchContacts";
-
-/// A message as gRPC frames it: no compression, the length, the protobuf bytes.
-pub(super) fn frame(msg: &impl Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    msg.encode_raw(&mut buf);
-    buf.freeze()
-}
 
 /// A presence update, framed: a `ServerMessage` with `presence_updated`, which is also the
 /// encoding of a `WatchContactsResponse` with `presence_updated`.
@@ -492,6 +481,7 @@ impl http_body::Body for DeviceBody {
 mod tests {
     use super::*;
     use crate::domain::{Status as Presence, UserId};
+    use prost::Message;
 
     fn view() -> PresenceView {
         PresenceView {

@@ -13,8 +13,8 @@ use crate::pb::{self, client_message::Kind as ClientKind, server_message::Kind a
 
 use bytes::Bytes;
 
+use super::codec::frame;
 use super::convert::{self, presence_to_proto};
-use super::device::frame;
 use super::inbound::DeviceInbound;
 use super::limits::{HelloGate, RateLimits};
 use super::{ApiError, RequestLimits, identity};

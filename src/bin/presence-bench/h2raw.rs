@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use presence::grpc::codec::frame;
 use presence::pb;
 
 use crate::device::Device;
@@ -174,16 +174,6 @@ impl RawPool {
             .await
             .unwrap_or_else(|_| Err(tonic::Status::unavailable("the raw connection closed")))
     }
-}
-
-/// A message as gRPC frames it.
-fn frame(msg: &impl Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut b = BytesMut::with_capacity(5 + len);
-    b.put_u8(0);
-    b.put_u32(len as u32);
-    msg.encode_raw(&mut b);
-    b.freeze()
 }
 
 fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
@@ -707,6 +697,7 @@ fn unpad(p: &mut BytesMut, flags: u8) -> anyhow::Result<BytesMut> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     #[test]
     fn a_frame_header_is_nine_bytes_in_network_order() {
